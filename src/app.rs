@@ -1,0 +1,109 @@
+//! Startup: builds the application from its configuration (databases, engine, services, router)
+//! apart from serving it, so that tests run it on their own listener and databases.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::db::{Db, DbError, PoolSettings, normalize_url};
+use crate::http::{self, AppState, HttpConfig};
+use crate::inventory::Inventory;
+use crate::orders::{self, Orders};
+use crate::saga::{Engine, EngineConfig, FaultInjector};
+
+/// A built application, ready to serve.
+pub struct App {
+    /// The router with its middleware.
+    pub router: Router,
+    /// The saga engine (its background loops are running).
+    pub engine: Engine,
+    /// The services, for callers that drive them directly.
+    pub state: AppState,
+    housekeeping: tokio::task::JoinHandle<()>,
+}
+
+/// Connects the configured databases (applying migrations), builds the engine with both order
+/// sagas and starts its recovery loop. `faults` is for tests.
+pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> Result<App, DbError> {
+    let (log_url, log_backend) = normalize_url(&config.database_url)?;
+    let inventory_url = config.inventory_database_url.clone().unwrap_or_else(|| config.database_url.clone());
+    let (inv_url, inv_backend) = normalize_url(&inventory_url)?;
+    if log_backend != inv_backend {
+        return Err(DbError::MixedBackends);
+    }
+    let settings = PoolSettings { max_connections: config.db_max_connections, ..PoolSettings::default() };
+    let log = Db::connect(&config.database_url, &settings).await?;
+    let inventory_db = if inv_url == log_url { log.clone() } else { Db::connect(&inventory_url, &settings).await? };
+    let mut databases = vec![log.clone()];
+    if inv_url != log_url {
+        databases.push(inventory_db.clone());
+    }
+    let engine_config = EngineConfig {
+        lease: Duration::from_millis(config.lease_ms),
+        recovery_interval: Duration::from_millis(config.recovery_interval_ms),
+        deadline: Duration::from_millis(config.saga_deadline_ms),
+        stuck_after_attempts: config.stuck_after_attempts,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(
+        log,
+        HashMap::from([(orders::INVENTORY, inventory_db.clone())]),
+        vec![orders::place_order::definition(), orders::cancel_order::definition()],
+        engine_config,
+        faults,
+    );
+    engine.start_background();
+    let inventory = Inventory::new(inventory_db);
+    let orders = Orders::new(engine.clone(), inventory.clone(), config.order_wait());
+    let state = AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases };
+    let http_config = HttpConfig {
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        cors_allow_origins: config.cors_allow_origins.clone(),
+    };
+    let router = http::router(state.clone(), &http_config);
+    let ttl = Duration::from_secs(config.idempotency_ttl_secs);
+    let housekeeping = tokio::spawn(async move {
+        let every = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        loop {
+            tokio::time::sleep(every).await;
+            match orders.purge_keys(ttl).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(purged = n, "purged expired idempotency records"),
+                Err(error) => tracing::warn!(%error, "could not purge idempotency records"),
+            }
+        }
+    });
+    Ok(App { router, engine, state, housekeeping })
+}
+
+impl App {
+    /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets running steps
+    /// end within `grace` and releases this instance's leases.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static, grace: Duration) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        let server = tokio::spawn(async move { server.await });
+        shutdown.await;
+        tracing::info!("shutting down: no new requests; letting running steps end");
+        let _ = stop_tx.send(true);
+        self.housekeeping.abort();
+        let drained = tokio::time::timeout(grace, server).await;
+        self.engine.shutdown(grace).await;
+        match drained {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(std::io::Error::other(join)),
+            Err(_) => {
+                tracing::warn!("open connections outlived the shutdown grace");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Database connections for both backends: URL handling, pools, migrations, and what a database
+//! error means for a caller (transient, so retry; or a broken invariant).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+/// The two supported backends. Every query in the service is written to run on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The production store; many instances may share it.
+    Postgres,
+    /// The embedded default: one instance, one writer.
+    Sqlite,
+}
+
+/// Errors of opening or preparing a database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no supported backend.
+    #[error("unsupported database URL {0:?}: use postgres://... or a SQLite file path / sqlite:...")]
+    UnsupportedUrl(String),
+    /// `DATABASE_URL` and `INVENTORY_DATABASE_URL` name different backends.
+    #[error("DATABASE_URL and INVENTORY_DATABASE_URL must name the same backend (both PostgreSQL or both SQLite)")]
+    MixedBackends,
+    /// The database refused a connection or a migration.
+    #[error("database {url}: {source}")]
+    Sqlx {
+        /// The URL, without its password.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// A connection pool to one database, with the backend it speaks.
+#[derive(Clone, Debug)]
+pub struct Db {
+    /// The pool itself; every query goes through it or a transaction begun on it.
+    pub pool: AnyPool,
+    /// Which SQL dialect details to use (locking clauses, migrations).
+    pub backend: Backend,
+    /// The normalised URL; two `Db`s with the same URL are the same database.
+    pub url: String,
+}
+
+/// Pool sizing and timeouts.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Most connections to a PostgreSQL server.
+    pub max_connections: u32,
+    /// How long a caller waits for a free connection before the request fails with 503.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self { max_connections: 16, acquire_timeout: Duration::from_secs(3) }
+    }
+}
+
+/// Turns a configured URL into the URL sqlx expects and the backend it selects.
+/// A bare path means a SQLite file, created if missing.
+pub fn normalize_url(url: &str) -> Result<(String, Backend), DbError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((url.to_string(), Backend::Postgres));
+    }
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+    if path.is_empty() || path.contains("://") {
+        return Err(DbError::UnsupportedUrl(url.to_string()));
+    }
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let with_mode = if path.contains("mode=") { path.to_string() } else { format!("{path}{sep}mode=rwc") };
+    Ok((format!("sqlite://{with_mode}"), Backend::Sqlite))
+}
+
+/// Strips a password from a URL so that it can be logged.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+impl Db {
+    /// Opens a pool on `url` and applies the backend's migrations.
+    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let (url, backend) = normalize_url(url)?;
+        let wrap = |source| DbError::Sqlx { url: redact(&url), source };
+        let options = AnyConnectOptions::from_str(&url).map_err(wrap)?;
+        let pool_options = match backend {
+            Backend::Postgres => AnyPoolOptions::new().max_connections(settings.max_connections),
+            // SQLite has one writer; a single connection serialises writers without SQLITE_BUSY
+            // and keeps every transaction's view consistent.
+            Backend::Sqlite => AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            }),
+        };
+        let pool = pool_options
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(wrap)?;
+        let db = Db { pool, backend, url: url.clone() };
+        crate::migrate::run(&db).await.map_err(wrap)?;
+        Ok(db)
+    }
+
+    /// Answers whether the database responds, within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// True when retrying the same work later may succeed: lost connections, pool timeouts,
+/// serialization failures, deadlocks, a busy SQLite file.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: serialization failure, deadlock, connection exceptions (08*),
+            // operator intervention such as shutdown (57*), insufficient resources (53*).
+            // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their extended codes.
+            matches!(code.as_ref(), "40001" | "40P01")
+                || code.starts_with("08")
+                || code.starts_with("57")
+                || code.starts_with("53")
+                || code.parse::<i64>().is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
+        }
+        _ => false,
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one clock every stored time uses.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Formats a stored time as RFC 3339 (UTC, milliseconds) for the API.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm), so no date crate is needed for one format.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_701_600_123), "2026-11-26T14:00:00.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn normalizes_urls() {
+        assert_eq!(normalize_url("order-saga.db").unwrap(), ("sqlite://order-saga.db?mode=rwc".into(), Backend::Sqlite));
+        assert_eq!(normalize_url("sqlite:/tmp/x.db").unwrap().0, "sqlite:///tmp/x.db?mode=rwc");
+        assert_eq!(normalize_url("postgres://u@h/d").unwrap().1, Backend::Postgres);
+        assert!(normalize_url("mysql://h/d").is_err());
+        assert_eq!(redact("postgres://u:secret@h/d"), "postgres://u:***@h/d");
+    }
+}

@@ -1,0 +1,152 @@
+//! Reading requests: the JSON body (media type, syntax, then each field's type and range) and
+//! query parameters, collecting every bad field into one `validation_failed` answer.
+
+use axum::http::{HeaderMap, StatusCode, header};
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::problem::Problem;
+use crate::error::FieldError;
+
+/// Parses a JSON object body, refusing other media types and malformed JSON.
+pub fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, Problem> {
+    let media = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = media.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence != "application/json" && !(essence.starts_with("application/") && essence.ends_with("+json")) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON: send Content-Type: application/json",
+        ));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Problem::validation(vec![FieldError::new("body", "must be a JSON object")])),
+        Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))),
+    }
+}
+
+/// Reads fields of one JSON object, recording each problem instead of stopping at the first.
+pub struct Fields<'a, 'e> {
+    object: &'a Map<String, Value>,
+    prefix: String,
+    /// Every bad field found so far.
+    pub errors: &'e mut Vec<FieldError>,
+}
+
+impl<'a, 'e> Fields<'a, 'e> {
+    /// Fields of `object`, named under `prefix` (such as `items[2].`).
+    pub fn new(object: &'a Map<String, Value>, prefix: impl Into<String>, errors: &'e mut Vec<FieldError>) -> Self {
+        Self { object, prefix: prefix.into(), errors }
+    }
+
+    fn fail(&mut self, name: &str, message: impl Into<String>) {
+        self.errors.push(FieldError::new(format!("{}{}", self.prefix, name), message));
+    }
+
+    fn present(&mut self, name: &str) -> Option<&'a Value> {
+        match self.object.get(name) {
+            None | Some(Value::Null) => {
+                self.fail(name, "is required");
+                None
+            }
+            Some(v) => Some(v),
+        }
+    }
+
+    /// A string of `min..=max` characters.
+    pub fn string(&mut self, name: &str, min: usize, max: usize) -> Option<String> {
+        let value = self.present(name)?;
+        let Some(s) = value.as_str() else {
+            self.fail(name, "must be a string");
+            return None;
+        };
+        let len = s.chars().count();
+        if len < min || len > max {
+            self.fail(name, format!("must be {min} to {max} characters long"));
+            return None;
+        }
+        Some(s.to_string())
+    }
+
+    /// An id: 1..=64 characters of `[A-Za-z0-9._-]`.
+    pub fn id(&mut self, name: &str) -> Option<String> {
+        let s = self.string(name, 1, 64)?;
+        if !is_id(&s) {
+            self.fail(name, "may contain only letters, digits, '.', '_' and '-'");
+            return None;
+        }
+        Some(s)
+    }
+
+    /// An integer in `min..=max`.
+    pub fn integer(&mut self, name: &str, min: i64, max: i64) -> Option<i64> {
+        let value = self.present(name)?;
+        let Some(n) = value.as_i64().or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e18).map(|f| f as i64)) else {
+            if value.is_number() {
+                self.fail(name, format!("must be an integer from {min} to {max}"));
+            } else {
+                self.fail(name, "must be an integer");
+            }
+            return None;
+        };
+        if n < min || n > max {
+            self.fail(name, format!("must be an integer from {min} to {max}"));
+            return None;
+        }
+        Some(n)
+    }
+
+    /// An array of `min..=max` elements.
+    pub fn array(&mut self, name: &str, min: usize, max: usize) -> Option<&'a Vec<Value>> {
+        let value = self.present(name)?;
+        let Some(items) = value.as_array() else {
+            self.fail(name, "must be an array");
+            return None;
+        };
+        if items.len() < min || items.len() > max {
+            self.fail(name, format!("must have {min} to {max} elements"));
+            return None;
+        }
+        Some(items)
+    }
+}
+
+/// True for 1..=64 characters of `[A-Za-z0-9._-]`: the ids of products.
+pub fn is_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Reads `limit` (1..=500, default 50) from a query string's parameters.
+pub fn limit(params: &std::collections::HashMap<String, String>, errors: &mut Vec<FieldError>) -> i64 {
+    match params.get("limit") {
+        None => 50,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n) if (1..=500).contains(&n) => n,
+            _ => {
+                errors.push(FieldError::new("limit", "must be an integer from 1 to 500"));
+                50
+            }
+        },
+    }
+}
+
+/// Reads the `Idempotency-Key` header: 1..=255 printable ASCII characters, if present.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
+    let bytes = raw.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "Idempotency-Key",
+            "must be 1 to 255 printable ASCII characters",
+        )]));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// True when a `Prefer` header asks for `respond-async`.
+pub fn prefers_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split([',', ';']).any(|token| token.trim().eq_ignore_ascii_case("respond-async"))
+    })
+}

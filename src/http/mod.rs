@@ -1,0 +1,153 @@
+//! The HTTP layer: routes, the tower-http middleware stack, and the shared state handlers use.
+//! It knows the services, never SQL.
+
+pub mod extract;
+pub mod orders;
+pub mod problem;
+pub mod products;
+pub mod sagas;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::db::Db;
+use crate::inventory::Inventory;
+use crate::orders::Orders;
+use crate::saga::Engine;
+use problem::Problem;
+
+/// The largest request body accepted.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The OpenAPI document, served at `/openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+/// Every route and its methods: the router is built from the same handlers, and the drift test
+/// compares this list with `openapi.yaml`.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/products", &["get", "post"]),
+    ("/products/{id}", &["get"]),
+    ("/products/{id}/restock", &["post"]),
+    ("/orders", &["get", "post"]),
+    ("/orders/{id}", &["get"]),
+    ("/orders/{id}/cancel", &["post"]),
+    ("/sagas", &["get"]),
+    ("/sagas/{id}", &["get"]),
+    ("/healthz", &["get"]),
+    ("/readyz", &["get"]),
+    ("/openapi.yaml", &["get"]),
+];
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Places, cancels and reads orders.
+    pub orders: Orders,
+    /// Products and stock.
+    pub inventory: Inventory,
+    /// The saga engine, for `/sagas`.
+    pub engine: Engine,
+    /// Every configured database, for `/readyz`.
+    pub databases: Vec<Db>,
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Longest a request may take before a 503 `request_timeout`.
+    pub request_timeout: Duration,
+    /// Origins allowed to call from a browser; `*` allows any.
+    pub cors_allow_origins: Vec<String>,
+}
+
+/// Builds the router with its middleware.
+pub fn router(state: AppState, config: &HttpConfig) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let timeout = config.request_timeout;
+    Router::new()
+        .route("/products", get(products::list).post(products::create))
+        .route("/products/{id}", get(products::get))
+        .route("/products/{id}/restock", post(products::restock))
+        .route("/orders", get(orders::list).post(orders::place))
+        .route("/orders/{id}", get(orders::get))
+        .route("/orders/{id}/cancel", post(orders::cancel))
+        .route("/sagas", get(sagas::list))
+        .route("/sagas/{id}", get(sagas::get))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.yaml", get(openapi))
+        .fallback(|| async { Problem::for_status(StatusCode::NOT_FOUND) })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(timeout, request_timeout))
+        .layer(middleware::map_response(problem::problem_for_bare_errors))
+        .layer(cors(&config.cors_allow_origins))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, HeaderName::from_static("idempotency-key"), HeaderName::from_static("prefer")])
+        .expose_headers([
+            header::LOCATION,
+            header::RETRY_AFTER,
+            HeaderName::from_static("idempotent-replayed"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+/// Answers 503 `request_timeout` when a request outlives `REQUEST_TIMEOUT_MS`. A saga the
+/// request started keeps running in its own task.
+async fn request_timeout(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "request_timeout", "the request took longer than REQUEST_TIMEOUT_MS")
+            .into_response(),
+    }
+}
+
+/// `GET /healthz`: the process is up.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: 200 when every database answers, else 503.
+async fn readyz(State(state): State<AppState>) -> Response {
+    for db in &state.databases {
+        if !db.ping(Duration::from_secs(1)).await {
+            return Problem::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "a database is not answering")
+                .into_response();
+        }
+    }
+    Json(json!({ "status": "ready" })).into_response()
+}
+
+/// `GET /openapi.yaml`: the API description.
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
+}

@@ -1,0 +1,166 @@
+//! `/orders`: placing orders through the place_order saga, reading them, cancelling them.
+
+use std::collections::{HashMap, HashSet};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::extract::{self, Fields};
+use super::problem::{ApiResult, Problem};
+use crate::db::rfc3339;
+use crate::error::{Error, FieldError};
+use crate::idempotency;
+use crate::inventory::Line;
+use crate::orders::{Order, OrderStatus, PlaceOrder};
+
+/// The API's view of an order.
+pub fn view(o: &Order) -> Value {
+    json!({
+        "id": o.id,
+        "customer_id": o.customer_id,
+        "status": o.status.as_str(),
+        "items": o.items.iter().map(|i| json!({
+            "product_id": i.product_id, "quantity": i.quantity, "unit_price_cents": i.unit_price_cents,
+        })).collect::<Vec<_>>(),
+        "total_cents": o.total_cents,
+        "saga_id": o.saga_id,
+        "failure": o.failure.as_ref().map(|f| json!({ "code": f.code, "detail": f.detail })),
+        "created_at": rfc3339(o.created_at),
+        "updated_at": rfc3339(o.updated_at),
+    })
+}
+
+/// Reads and validates a `POST /orders` body.
+fn parse_place(object: &serde_json::Map<String, Value>) -> Result<PlaceOrder, Problem> {
+    let mut errors = Vec::new();
+    let mut fields = Fields::new(object, "", &mut errors);
+    let customer_id = fields.string("customer_id", 1, 128);
+    let raw_items = fields.array("items", 1, 100);
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, raw) in raw_items.into_iter().flatten().enumerate() {
+        let Some(item) = raw.as_object() else {
+            errors.push(FieldError::new(format!("items[{i}]"), "must be an object"));
+            continue;
+        };
+        let mut fields = Fields::new(item, format!("items[{i}]."), &mut errors);
+        let product_id = fields.id("product_id");
+        let quantity = fields.integer("quantity", 1, 1_000_000);
+        if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
+            if !seen.insert(product_id.clone()) {
+                errors.push(FieldError::new(format!("items[{i}].product_id"), "each product may appear only once"));
+            }
+            items.push(Line { product_id, quantity });
+        }
+    }
+    match customer_id {
+        Some(customer_id) if errors.is_empty() => Ok(PlaceOrder { customer_id, items }),
+        _ => Err(Problem::validation(errors)),
+    }
+}
+
+/// `POST /orders`: 201 confirmed, 202 pending, 409/422 rejected (see the OpenAPI spec).
+pub async fn place(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    let key = extract::idempotency_key(&headers)?;
+    let object = extract::json_object(&headers, &body)?;
+    let request = parse_place(&object)?;
+    let key = key.map(|k| (k, idempotency::fingerprint(&Value::Object(object))));
+    let placed = state
+        .orders
+        .place(request, key.as_ref().map(|(k, f)| (k.as_str(), f.clone())), extract::prefers_async(&headers))
+        .await?;
+    let mut response = placement_response(&placed.order);
+    if placed.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The answer a placement gets for the order as it now stands.
+fn placement_response(order: &Order) -> Response {
+    let location = format!("/orders/{}", order.id);
+    match order.status {
+        OrderStatus::Confirmed | OrderStatus::Cancelled => {
+            (StatusCode::CREATED, [(header::LOCATION, location)], Json(view(order))).into_response()
+        }
+        OrderStatus::Pending => accepted(order, location),
+        OrderStatus::Rejected => {
+            let failure = order.failure.clone().unwrap_or_else(|| crate::orders::Failure {
+                code: "rejected".into(),
+                detail: "the order was rejected".into(),
+                product_id: None,
+            });
+            let (status, code) = match failure.code.as_str() {
+                "insufficient_stock" => (StatusCode::CONFLICT, "insufficient_stock"),
+                "unknown_product" => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_product"),
+                "validation_failed" => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+                "deadline_exceeded" => (StatusCode::CONFLICT, "deadline_exceeded"),
+                _ => (StatusCode::CONFLICT, "order_rejected"),
+            };
+            let mut problem = Problem::new(status, code, failure.detail)
+                .with("order_id", order.id.clone())
+                .with("saga_id", order.saga_id.clone());
+            if let Some(product_id) = failure.product_id {
+                problem = problem.with("product_id", product_id);
+            }
+            let mut response = problem.into_response();
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            response
+        }
+    }
+}
+
+/// 202 with the order, where to poll it and when.
+fn accepted(order: &Order, location: String) -> Response {
+    (StatusCode::ACCEPTED, [(header::LOCATION, location), (header::RETRY_AFTER, "1".to_string())], Json(view(order)))
+        .into_response()
+}
+
+/// `GET /orders/{id}`.
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(view(&state.orders.get(&id).await?)))
+}
+
+/// `GET /orders?customer_id=&status=&limit=&cursor=`: newest first.
+pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+    let mut errors = Vec::new();
+    let limit = extract::limit(&params, &mut errors);
+    let status = params.get("status").and_then(|s| {
+        let parsed = OrderStatus::parse(s);
+        if parsed.is_none() {
+            errors.push(FieldError::new("status", "must be one of pending, confirmed, rejected, cancelled"));
+        }
+        parsed
+    });
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let customer = params.get("customer_id").map(String::as_str);
+    let cursor = params.get("cursor").map(String::as_str);
+    let mut orders = state.orders.list(customer, status, cursor, limit + 1).await?;
+    let next_cursor = (orders.len() as i64 > limit).then(|| {
+        orders.truncate(limit as usize);
+        orders.last().map(|o| o.id.clone())
+    });
+    Ok(Json(json!({ "items": orders.iter().map(view).collect::<Vec<_>>(), "next_cursor": next_cursor.flatten() })))
+}
+
+/// `POST /orders/{id}/cancel`: 200 once cancelled and its stock returned, 202 while that runs.
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let cancelled = state.orders.cancel(&id).await.map_err(|e| match e {
+        Error::NotFound(_) => Error::NotFound(format!("order {id:?}")),
+        other => other,
+    })?;
+    if cancelled.settled {
+        Ok((StatusCode::OK, Json(view(&cancelled.order))).into_response())
+    } else {
+        Ok(accepted(&cancelled.order, format!("/orders/{}", cancelled.order.id)))
+    }
+}

@@ -1,0 +1,127 @@
+//! `/sagas`: what operators see of the saga log: each saga's steps and full history.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::extract;
+use super::problem::{ApiResult, Problem};
+use crate::db::rfc3339;
+use crate::error::{Error, FieldError};
+use crate::saga::{Event, SagaDefinition, SagaFilter, SagaRecord, SagaState};
+
+fn summary(s: &SagaRecord) -> Value {
+    json!({
+        "id": s.id,
+        "kind": s.kind,
+        "state": s.state.as_str(),
+        "stuck": s.stuck,
+        "order_id": s.input.get("order_id"),
+        "attempts": s.attempts,
+        "last_error": s.last_error,
+        "created_at": rfc3339(s.created_at),
+        "updated_at": rfc3339(s.updated_at),
+    })
+}
+
+/// Each step's state, attempts and times, folded from the saga's events.
+fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> Vec<Value> {
+    let names: Vec<String> = match def {
+        Some(def) => def.steps.iter().map(|s| s.name.to_string()).collect(),
+        None => {
+            let mut names: Vec<String> = Vec::new();
+            for e in events.iter().filter_map(|e| e.step.clone()) {
+                if !names.contains(&e) {
+                    names.push(e);
+                }
+            }
+            names
+        }
+    };
+    names
+        .iter()
+        .enumerate()
+        .map(|(index, name)| {
+            let mine: Vec<&Event> = events.iter().filter(|e| e.step.as_deref() == Some(name)).collect();
+            let attempts = mine.iter().filter(|e| matches!(e.event.as_str(), "succeeded" | "failed")).count();
+            let last_error = mine
+                .iter()
+                .rev()
+                .find(|e| matches!(e.event.as_str(), "failed" | "compensation_failed"))
+                .and_then(|e| e.detail.clone());
+            let last = mine.iter().rev().find(|e| e.event != "stuck").map(|e| e.event.as_str());
+            let current = saga.current_step as usize;
+            let state = match (saga.state, last) {
+                (SagaState::Compensating, _) if current >= 1 && current - 1 == index && last != Some("compensated") => "compensating",
+                (_, Some("succeeded")) => "succeeded",
+                (_, Some("compensated")) => "compensated",
+                (_, Some("compensation_failed")) => "compensating",
+                (SagaState::Running, _) if current == index => "running",
+                (_, Some("failed")) => "failed",
+                _ => "pending",
+            };
+            let finished = matches!(state, "succeeded" | "failed" | "compensated");
+            json!({
+                "name": name,
+                "state": state,
+                "attempts": attempts,
+                "started_at": mine.first().map(|e| rfc3339(e.at)),
+                "finished_at": if finished { mine.last().map(|e| rfc3339(e.at)) } else { None },
+                "last_error": last_error,
+            })
+        })
+        .collect()
+}
+
+/// `GET /sagas/{id}`: the saga, its steps and its events.
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let (saga, events) = state.engine.saga(&id).await.map_err(Error::from)?.ok_or_else(|| Error::NotFound(format!("saga {id:?}")))?;
+    let def = state.engine.definition(&saga.kind, saga.version);
+    let mut body = summary(&saga);
+    body["steps"] = Value::Array(steps(&saga, def, &events));
+    body["events"] = events
+        .iter()
+        .map(|e| json!({ "seq": e.seq, "at": rfc3339(e.at), "step": e.step, "event": e.event, "detail": e.detail }))
+        .collect();
+    Ok(Json(body))
+}
+
+/// `GET /sagas?state=&kind=&stuck=&limit=&cursor=`: newest first.
+pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+    let mut errors = Vec::new();
+    let limit = extract::limit(&params, &mut errors);
+    let saga_state = params.get("state").and_then(|s| {
+        let parsed = SagaState::parse(s);
+        if parsed.is_none() {
+            errors.push(FieldError::new("state", "must be one of running, compensating, completed, compensated"));
+        }
+        parsed
+    });
+    let stuck = params.get("stuck").and_then(|s| match s.as_str() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => {
+            errors.push(FieldError::new("stuck", "must be true or false"));
+            None
+        }
+    });
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let filter = SagaFilter {
+        state: saga_state,
+        kind: params.get("kind").cloned(),
+        stuck,
+        before: params.get("cursor").cloned(),
+        limit: limit + 1,
+    };
+    let mut sagas = state.engine.list(&filter).await.map_err(Error::from)?;
+    let next_cursor = (sagas.len() as i64 > limit).then(|| {
+        sagas.truncate(limit as usize);
+        sagas.last().map(|s| s.id.clone())
+    });
+    Ok(Json(json!({ "items": sagas.iter().map(summary).collect::<Vec<_>>(), "next_cursor": next_cursor.flatten() })))
+}

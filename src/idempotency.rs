@@ -1,0 +1,67 @@
+//! Idempotency keys: each maps a client's key, scoped to an endpoint, to the saga its first
+//! request started, with a fingerprint of that request's body.
+
+use sha2::{Digest, Sha256};
+use sqlx::{AnyConnection, Row};
+
+use crate::db::Db;
+
+/// The key record of a request that has been accepted.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    /// SHA-256 of the canonical JSON body of the first request.
+    pub fingerprint: String,
+    /// The saga it started.
+    pub saga_id: String,
+    /// The order that saga settles.
+    pub order_id: String,
+}
+
+/// The fingerprint of a parsed JSON body: SHA-256 of its canonical form (object keys sorted,
+/// no insignificant white space), so formatting and key order do not matter.
+pub fn fingerprint(body: &serde_json::Value) -> String {
+    // serde_json's map is ordered by key, so `to_string` is canonical.
+    let digest = Sha256::digest(body.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Records `key` for a new saga inside the write-ahead transaction. False if the key exists.
+pub async fn claim(
+    conn: &mut AnyConnection,
+    scope: &str,
+    key: &str,
+    record: &KeyRecord,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint, saga_id, order_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, key) DO NOTHING",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(&record.fingerprint)
+    .bind(&record.saga_id)
+    .bind(&record.order_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The record of `key`, if one exists.
+pub async fn get(db: &Db, scope: &str, key: &str) -> Result<Option<KeyRecord>, sqlx::Error> {
+    let row = sqlx::query("SELECT fingerprint, saga_id, order_id FROM idempotency_keys WHERE scope = $1 AND key = $2")
+        .bind(scope)
+        .bind(key)
+        .fetch_optional(&db.pool)
+        .await?;
+    row.map(|r| {
+        Ok(KeyRecord { fingerprint: r.try_get("fingerprint")?, saga_id: r.try_get("saga_id")?, order_id: r.try_get("order_id")? })
+    })
+    .transpose()
+}
+
+/// Deletes the records created before `cutoff` (ms); returns how many.
+pub async fn purge(db: &Db, cutoff: i64) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(cutoff).execute(&db.pool).await?.rows_affected())
+}

@@ -1,0 +1,324 @@
+//! The inventory participant: products and their stock, and the reservation rows through which
+//! the order sagas take, release, commit and return stock exactly once per saga.
+
+use serde_json::{Map, Value};
+use sqlx::{AnyConnection, Row};
+
+use crate::db::{Db, now_ms};
+use crate::error::{Error, FieldError, Result};
+use crate::saga::StepError;
+
+/// The largest integer a JavaScript client reads exactly (2^53 - 1).
+pub const MAX_SAFE_INTEGER: i64 = 9_007_199_254_740_991;
+
+/// A product with its stock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Product {
+    /// Client-chosen id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Unit price.
+    pub price_cents: i64,
+    /// Free to reserve.
+    pub available: i64,
+    /// Held by running sagas.
+    pub reserved: i64,
+    /// Committed by confirmed orders.
+    pub sold: i64,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+/// A product to create.
+#[derive(Debug, Clone)]
+pub struct NewProduct {
+    /// Client-chosen id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Unit price.
+    pub price_cents: i64,
+    /// Initial stock, all available.
+    pub stock: i64,
+}
+
+/// One line of an order as the inventory sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Line {
+    /// The product.
+    pub product_id: String,
+    /// How many units.
+    pub quantity: i64,
+}
+
+const COLUMNS: &str = "id, name, price_cents, available, reserved, sold, created_at, updated_at";
+
+fn decode(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
+    Ok(Product {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        price_cents: row.try_get("price_cents")?,
+        available: row.try_get("available")?,
+        reserved: row.try_get("reserved")?,
+        sold: row.try_get("sold")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The products and stock of the inventory database.
+#[derive(Clone, Debug)]
+pub struct Inventory {
+    db: Db,
+}
+
+impl Inventory {
+    /// The inventory on `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The inventory's database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Creates a product; `ProductExists` if the id is taken.
+    pub async fn create(&self, product: &NewProduct) -> Result<Product> {
+        let now = now_ms();
+        let row = sqlx::query(&format!(
+            "INSERT INTO products (id, name, price_cents, available, reserved, sold, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 0, 0, $5, $5) ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
+        ))
+        .bind(&product.id)
+        .bind(&product.name)
+        .bind(product.price_cents)
+        .bind(product.stock)
+        .bind(now)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(decode(&row)?),
+            None => Err(Error::ProductExists(product.id.clone())),
+        }
+    }
+
+    /// Reads one product.
+    pub async fn get(&self, id: &str) -> Result<Product> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM products WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.map(|r| decode(&r)).transpose()?.ok_or_else(|| Error::NotFound(format!("product {id:?}")))
+    }
+
+    /// Lists products by id, after `after` (the previous page's last id).
+    pub async fn list(&self, after: Option<&str>, limit: i64) -> Result<Vec<Product>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM products WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows.iter().map(decode).collect::<Result<_, _>>()?)
+    }
+
+    /// Adds stock to `available`, refusing a total stock past 2^53 - 1.
+    pub async fn restock(&self, id: &str, quantity: i64) -> Result<Product> {
+        let row = sqlx::query(&format!(
+            "UPDATE products SET available = available + $1, updated_at = $2 \
+             WHERE id = $3 AND available + reserved + sold <= $4 - $1 RETURNING {COLUMNS}"
+        ))
+        .bind(quantity)
+        .bind(now_ms())
+        .bind(id)
+        .bind(MAX_SAFE_INTEGER)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(decode(&row)?),
+            None => {
+                self.get(id).await?;
+                Err(Error::Validation(vec![FieldError::new(
+                    "quantity",
+                    format!("the product's total stock would exceed {MAX_SAFE_INTEGER}"),
+                )]))
+            }
+        }
+    }
+
+    /// Unit prices of the given products (those that exist).
+    pub async fn prices(&self, ids: &[&str]) -> Result<Vec<(String, i64)>> {
+        let mut prices = Vec::with_capacity(ids.len());
+        for id in ids {
+            let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+                .bind(*id)
+                .fetch_optional(&self.db.pool)
+                .await?;
+            if let Some(price) = price {
+                prices.push((id.to_string(), price));
+            }
+        }
+        Ok(prices)
+    }
+}
+
+fn permanent(code: &str, detail: String, product_id: &str) -> StepError {
+    let mut extra = Map::new();
+    extra.insert("product_id".into(), Value::String(product_id.to_string()));
+    StepError::Permanent { code: code.to_string(), detail, extra }
+}
+
+/// Reserves every line for `saga_id`, in product-id order so that concurrent sagas lock rows in
+/// one order and cannot deadlock. A line already reserved (a retry) or released (a tombstone) is
+/// left alone. Returns each product's unit price.
+pub async fn reserve(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<Map<String, Value>, StepError> {
+    let now = now_ms();
+    let mut prices = Map::new();
+    for line in sorted(lines) {
+        let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+            .bind(&line.product_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(price) = price else {
+            return Err(permanent("unknown_product", format!("product {:?} does not exist", line.product_id), &line.product_id));
+        };
+        prices.insert(line.product_id.clone(), price.into());
+        let fresh = sqlx::query(
+            "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
+             VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING",
+        )
+        .bind(saga_id)
+        .bind(&line.product_id)
+        .bind(line.quantity)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        if fresh.rows_affected() == 0 {
+            continue;
+        }
+        let taken = sqlx::query(
+            "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
+             WHERE id = $3 AND available >= $1",
+        )
+        .bind(line.quantity)
+        .bind(now)
+        .bind(&line.product_id)
+        .execute(&mut *conn)
+        .await?;
+        if taken.rows_affected() == 0 {
+            return Err(permanent(
+                "insufficient_stock",
+                format!("not enough stock of product {:?} for {} units", line.product_id, line.quantity),
+                &line.product_id,
+            ));
+        }
+    }
+    Ok(prices)
+}
+
+/// Releases what `saga_id` reserved. Where no reservation exists yet it writes a `released`
+/// tombstone, so that a late `reserve` of the same saga is a no-op.
+pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
+    let now = now_ms();
+    for line in sorted(lines) {
+        let tombstone = sqlx::query(
+            "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
+             VALUES ($1, $2, $3, 'released', $4) ON CONFLICT (saga_id, product_id) DO NOTHING",
+        )
+        .bind(saga_id)
+        .bind(&line.product_id)
+        .bind(line.quantity)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        if tombstone.rows_affected() == 1 {
+            continue;
+        }
+        let quantity = transition(conn, saga_id, &line.product_id, "reserved", "released", now).await?;
+        if let Some(q) = quantity {
+            move_stock(conn, &line.product_id, "available = available + $1, reserved = reserved - $1", q, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Turns `saga_id`'s reservations into sales. Lines already committed or returned are left alone.
+pub async fn commit(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
+    let now = now_ms();
+    for line in sorted(lines) {
+        if let Some(q) = transition(conn, saga_id, &line.product_id, "reserved", "committed", now).await? {
+            move_stock(conn, &line.product_id, "reserved = reserved - $1, sold = sold + $1", q, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Puts everything `saga_id` took back into `available`, once: committed lines leave `sold`,
+/// lines not yet committed leave `reserved` (and a later commit finds nothing to do).
+pub async fn return_stock(conn: &mut AnyConnection, saga_id: &str) -> Result<(), StepError> {
+    let now = now_ms();
+    let rows = sqlx::query("SELECT product_id, status FROM reservations WHERE saga_id = $1 ORDER BY product_id")
+        .bind(saga_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        let product_id: String = row.try_get("product_id").map_err(StepError::from)?;
+        let status: String = row.try_get("status").map_err(StepError::from)?;
+        let from = match status.as_str() {
+            "committed" => "sold",
+            "reserved" => "reserved",
+            _ => continue,
+        };
+        match transition(conn, saga_id, &product_id, &status, "returned", now).await? {
+            Some(q) => {
+                let set = format!("available = available + $1, {from} = {from} - $1");
+                move_stock(conn, &product_id, &set, q, now).await?;
+            }
+            None => return Err(StepError::Transient(format!("reservation of {product_id:?} changed concurrently"))),
+        }
+    }
+    Ok(())
+}
+
+/// Moves one reservation from status `from` to `to`; its quantity if it was in `from`.
+async fn transition(
+    conn: &mut AnyConnection,
+    saga_id: &str,
+    product_id: &str,
+    from: &str,
+    to: &str,
+    now: i64,
+) -> Result<Option<i64>, StepError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE reservations SET status = $1, updated_at = $2 WHERE saga_id = $3 AND product_id = $4 AND status = $5 \
+         RETURNING quantity",
+    )
+    .bind(to)
+    .bind(now)
+    .bind(saga_id)
+    .bind(product_id)
+    .bind(from)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+async fn move_stock(conn: &mut AnyConnection, product_id: &str, set: &str, quantity: i64, now: i64) -> Result<(), StepError> {
+    sqlx::query(&format!("UPDATE products SET {set}, updated_at = $2 WHERE id = $3"))
+        .bind(quantity)
+        .bind(now)
+        .bind(product_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn sorted(lines: &[Line]) -> Vec<&Line> {
+    let mut sorted: Vec<&Line> = lines.iter().collect();
+    sorted.sort_by(|a, b| a.product_id.cmp(&b.product_id));
+    sorted
+}

@@ -1,0 +1,61 @@
+//! The `order-saga` binary: read the configuration, set up logging, build, serve until SIGTERM
+//! or Ctrl-C.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use order_saga::{app, config::Config, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    telemetry::init(config.log_format, &config.rust_log);
+    if let Err(message) = config.validate() {
+        eprintln!("order-saga: {message}");
+        return ExitCode::from(2);
+    }
+    let app = match app::build(&config, None).await {
+        Ok(app) => app,
+        Err(error) => {
+            eprintln!("order-saga: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&config.bind_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("order-saga: cannot listen on {}: {error}", config.bind_addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(addr = %config.bind_addr, "order-saga listening");
+    match app.serve(listener, shutdown_signal(), config.shutdown_grace()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("order-saga: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

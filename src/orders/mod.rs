@@ -1,0 +1,226 @@
+//! Orders: the two order sagas and the service that starts them, waits for them and reads
+//! their orders.
+//!
+//! - [`place_order`] and [`cancel_order`]: the saga definitions, each on one screen.
+//! - [`store`]: the orders table.
+
+pub mod cancel_order;
+pub mod place_order;
+pub mod store;
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::db::now_ms;
+use crate::error::{Error, FieldError, Result};
+use crate::idempotency::{self, KeyRecord};
+use crate::inventory::{Inventory, Line, MAX_SAFE_INTEGER};
+use crate::saga::{Engine, StepContext, StepError};
+use cancel_order::CancelOrderInput;
+use place_order::PlaceOrderInput;
+pub use store::{Failure, Order, OrderItem, OrderStatus};
+
+/// The participant name of the inventory database in the saga definitions.
+pub const INVENTORY: &str = "inventory";
+
+/// The idempotency-key scope of `POST /orders`.
+const PLACE_SCOPE: &str = "POST /orders";
+
+/// Reads a saga's input. A malformed input is a bug, not a business rule, so it is retried
+/// (and flagged stuck) rather than compensated.
+fn input_of<T: DeserializeOwned>(ctx: &StepContext) -> Result<T, StepError> {
+    serde_json::from_value(ctx.input.clone()).map_err(|e| StepError::Transient(format!("malformed saga input: {e}")))
+}
+
+/// A validated request to place an order.
+#[derive(Debug, Clone)]
+pub struct PlaceOrder {
+    /// Who places it.
+    pub customer_id: String,
+    /// Its lines, with distinct products.
+    pub items: Vec<Line>,
+}
+
+/// The answer to a placement: the order as it now stands.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    /// The order.
+    pub order: Order,
+    /// True when the request replayed an earlier one with the same key.
+    pub replayed: bool,
+}
+
+/// The answer to a cancellation.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    /// The order.
+    pub order: Order,
+    /// True once the cancel saga has completed (its stock is back).
+    pub settled: bool,
+}
+
+/// Places, cancels and reads orders.
+#[derive(Clone)]
+pub struct Orders {
+    engine: Engine,
+    inventory: Inventory,
+    wait: Duration,
+}
+
+impl Orders {
+    /// The service over `engine` (whose log database holds the orders) and `inventory`.
+    /// `wait` is `ORDER_WAIT_MS`: how long a request waits for its saga.
+    pub fn new(engine: Engine, inventory: Inventory, wait: Duration) -> Self {
+        Self { engine, inventory, wait }
+    }
+
+    /// Places an order: writes it ahead with its saga (and key), runs the saga in its own task
+    /// and waits for it up to `ORDER_WAIT_MS` unless `respond_async`. With a key seen before,
+    /// starts nothing and answers with that key's order.
+    pub async fn place(&self, request: PlaceOrder, key: Option<(&str, String)>, respond_async: bool) -> Result<Placed> {
+        self.check_total(&request).await?;
+        let mut items = request.items.clone();
+        items.sort_by(|a, b| a.product_id.cmp(&b.product_id));
+        let order = Order {
+            id: uuid::Uuid::now_v7().to_string(),
+            customer_id: request.customer_id.clone(),
+            status: OrderStatus::Pending,
+            items: items
+                .iter()
+                .map(|l| OrderItem { product_id: l.product_id.clone(), quantity: l.quantity, unit_price_cents: None })
+                .collect(),
+            total_cents: None,
+            saga_id: uuid::Uuid::now_v7().to_string(),
+            cancel_saga_id: None,
+            failure: None,
+            created_at: now_ms(),
+            updated_at: now_ms(),
+        };
+        let input = PlaceOrderInput { order_id: order.id.clone(), customer_id: order.customer_id.clone(), items };
+        let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
+        let engine = self.engine.clone();
+        let record = key.as_ref().map(|(key, fingerprint)| {
+            (key.to_string(), KeyRecord { fingerprint: fingerprint.clone(), saga_id: order.saga_id.clone(), order_id: order.id.clone() })
+        });
+        let pending = order.clone();
+        // Its own task, so that a client hanging up cannot stop it between the write-ahead commit
+        // and the launch, which would leave a saga owned by a live instance but driven by none.
+        let written = tokio::spawn(async move {
+            let mut tx = engine.log_db().pool.begin().await?;
+            if let Some((key, record)) = &record {
+                if !idempotency::claim(&mut tx, PLACE_SCOPE, key, record, pending.created_at).await? {
+                    return Ok::<bool, Error>(false);
+                }
+            }
+            store::insert_pending(&mut tx, &pending).await?;
+            let saga = engine.write_ahead(&mut tx, place_order::KIND, pending.saga_id.clone(), input).await?;
+            tx.commit().await?;
+            engine.launch(saga);
+            Ok(true)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        if !written {
+            let (key, fingerprint) = key.as_ref().expect("only a key can be taken already");
+            return self.replay(key, fingerprint, respond_async).await;
+        }
+        if !respond_async {
+            self.engine.wait_settled(&order.saga_id, self.wait).await?;
+        }
+        Ok(Placed { order: self.get(&order.id).await?, replayed: false })
+    }
+
+    async fn replay(&self, key: &str, fingerprint: &str, respond_async: bool) -> Result<Placed> {
+        let record = idempotency::get(self.engine.log_db(), PLACE_SCOPE, key)
+            .await?
+            .ok_or_else(|| Error::Internal("idempotency key vanished between claim and read".into()))?;
+        if record.fingerprint != fingerprint {
+            return Err(Error::IdempotencyKeyReused);
+        }
+        if !respond_async {
+            self.engine.wait_settled(&record.saga_id, self.wait).await?;
+        }
+        Ok(Placed { order: self.get(&record.order_id).await?, replayed: true })
+    }
+
+    /// Refuses an order whose total would pass 2^53 - 1. Only large quantities can, so the
+    /// prices are read only then.
+    async fn check_total(&self, request: &PlaceOrder) -> Result<()> {
+        const MAX_PRICE: i64 = 100_000_000;
+        let units: i64 = request.items.iter().map(|l| l.quantity).sum();
+        if units.saturating_mul(MAX_PRICE) <= MAX_SAFE_INTEGER {
+            return Ok(());
+        }
+        let ids: Vec<&str> = request.items.iter().map(|l| l.product_id.as_str()).collect();
+        let prices = self.inventory.prices(&ids).await?;
+        let total = request.items.iter().try_fold(0i64, |sum, line| {
+            let price = prices.iter().find(|(id, _)| *id == line.product_id).map_or(0, |(_, p)| *p);
+            price.checked_mul(line.quantity).and_then(|t| t.checked_add(sum)).filter(|t| *t <= MAX_SAFE_INTEGER)
+        });
+        match total {
+            Some(_) => Ok(()),
+            None => Err(Error::Validation(vec![FieldError::new("items", format!("the order's total would exceed {MAX_SAFE_INTEGER} cents"))])),
+        }
+    }
+
+    /// Cancels a confirmed order through `cancel_order`, waiting up to `ORDER_WAIT_MS` for it.
+    /// A cancelled order answers again; a pending or rejected one cannot be cancelled.
+    pub async fn cancel(&self, id: &str) -> Result<Cancelled> {
+        let order = self.get(id).await?;
+        let cancel_saga_id = match (order.status, &order.cancel_saga_id) {
+            (OrderStatus::Confirmed | OrderStatus::Cancelled, Some(existing)) => existing.clone(),
+            (OrderStatus::Confirmed, None) => self.start_cancel(&order).await?,
+            (status, _) => return Err(Error::OrderNotCancellable { id: id.to_string(), status: status.as_str().to_string() }),
+        };
+        let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?;
+        let order = self.get(id).await?;
+        if order.status != OrderStatus::Cancelled {
+            return Err(Error::OrderNotCancellable { id: id.to_string(), status: order.status.as_str().to_string() });
+        }
+        Ok(Cancelled { order, settled })
+    }
+
+    /// Writes the cancel saga ahead, attached to the order so that there is only ever one.
+    async fn start_cancel(&self, order: &Order) -> Result<String> {
+        let saga_id = uuid::Uuid::now_v7().to_string();
+        let input = CancelOrderInput { order_id: order.id.clone(), place_saga_id: order.saga_id.clone() };
+        let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
+        let engine = self.engine.clone();
+        let (order_id, id) = (order.id.clone(), saga_id.clone());
+        // Its own task, for the same reason as in `place`.
+        let attached = tokio::spawn(async move {
+            let mut tx = engine.log_db().pool.begin().await?;
+            if !store::attach_cancel(&mut tx, &order_id, &id).await? {
+                return Ok::<bool, Error>(false);
+            }
+            let saga = engine.write_ahead(&mut tx, cancel_order::KIND, id, input).await?;
+            tx.commit().await?;
+            engine.launch(saga);
+            Ok(true)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        if attached {
+            return Ok(saga_id);
+        }
+        // A concurrent cancel attached its saga first; follow that one.
+        let order = self.get(&order.id).await?;
+        order.cancel_saga_id.ok_or_else(|| Error::OrderNotCancellable { id: order.id.clone(), status: order.status.as_str().to_string() })
+    }
+
+    /// Reads one order.
+    pub async fn get(&self, id: &str) -> Result<Order> {
+        store::get(self.engine.log_db(), id).await?.ok_or_else(|| Error::NotFound(format!("order {id:?}")))
+    }
+
+    /// Lists orders newest first.
+    pub async fn list(&self, customer_id: Option<&str>, status: Option<OrderStatus>, before: Option<&str>, limit: i64) -> Result<Vec<Order>> {
+        Ok(store::list(self.engine.log_db(), customer_id, status, before, limit).await?)
+    }
+
+    /// Deletes idempotency records older than `ttl`.
+    pub async fn purge_keys(&self, ttl: Duration) -> Result<u64> {
+        Ok(idempotency::purge(self.engine.log_db(), now_ms() - ttl.as_millis() as i64).await?)
+    }
+}

@@ -1,0 +1,218 @@
+//! The orders table in the log database: the order written ahead as pending, and the single
+//! guarded transitions the sagas make to it.
+
+use serde_json::Value;
+use sqlx::{AnyConnection, Row};
+
+use crate::db::{Db, now_ms};
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStatus {
+    /// Its place_order saga has not settled it yet.
+    Pending,
+    /// Placed: its stock is taken.
+    Confirmed,
+    /// Its place_order saga compensated; it holds no stock.
+    Rejected,
+    /// Cancelled after confirmation; its stock goes back.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "pending",
+            OrderStatus::Confirmed => "confirmed",
+            OrderStatus::Rejected => "rejected",
+            OrderStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored or requested name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => OrderStatus::Pending,
+            "confirmed" => OrderStatus::Confirmed,
+            "rejected" => OrderStatus::Rejected,
+            "cancelled" => OrderStatus::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OrderItem {
+    /// The product.
+    pub product_id: String,
+    /// How many units.
+    pub quantity: i64,
+    /// The price create_order fixed; `None` before that.
+    pub unit_price_cents: Option<i64>,
+}
+
+/// Why an order was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Stable reason: `insufficient_stock`, `unknown_product`, `deadline_exceeded`.
+    pub code: String,
+    /// What a person reads.
+    pub detail: String,
+    /// The product concerned, if one is.
+    pub product_id: Option<String>,
+}
+
+/// An order.
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// Its id (a UUIDv7).
+    pub id: String,
+    /// Who placed it.
+    pub customer_id: String,
+    /// Where it stands.
+    pub status: OrderStatus,
+    /// Its lines.
+    pub items: Vec<OrderItem>,
+    /// Sum of the lines, once priced.
+    pub total_cents: Option<i64>,
+    /// The place_order saga.
+    pub saga_id: String,
+    /// The cancel_order saga, once started.
+    pub cancel_saga_id: Option<String>,
+    /// Why it was rejected.
+    pub failure: Option<Failure>,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+const COLUMNS: &str = "id, customer_id, status, items, total_cents, saga_id, cancel_saga_id, failure, created_at, updated_at";
+
+fn decode(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
+    let bad = |e: String| sqlx::Error::Decode(e.into());
+    let status: String = row.try_get("status")?;
+    let items: String = row.try_get("items")?;
+    let failure: Option<String> = row.try_get("failure")?;
+    let failure = failure
+        .map(|f| serde_json::from_str::<Value>(&f).map_err(|e| bad(e.to_string())))
+        .transpose()?
+        .map(|f| Failure {
+            code: f["code"].as_str().unwrap_or("unknown").to_string(),
+            detail: f["detail"].as_str().unwrap_or_default().to_string(),
+            product_id: f["product_id"].as_str().map(str::to_string),
+        });
+    Ok(Order {
+        id: row.try_get("id")?,
+        customer_id: row.try_get("customer_id")?,
+        status: OrderStatus::parse(&status).ok_or_else(|| bad(format!("unknown order status {status:?}")))?,
+        items: serde_json::from_str(&items).map_err(|e| bad(e.to_string()))?,
+        total_cents: row.try_get("total_cents")?,
+        saga_id: row.try_get("saga_id")?,
+        cancel_saga_id: row.try_get("cancel_saga_id")?,
+        failure,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Writes a new order as pending, inside the write-ahead transaction.
+pub async fn insert_pending(conn: &mut AnyConnection, order: &Order) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, items, total_cents, saga_id, cancel_saga_id, failure, \
+         created_at, updated_at) VALUES ($1, $2, 'pending', $3, NULL, $4, NULL, NULL, $5, $5)",
+    )
+    .bind(&order.id)
+    .bind(&order.customer_id)
+    .bind(serde_json::to_string(&order.items).unwrap_or_default())
+    .bind(&order.saga_id)
+    .bind(order.created_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Reads one order.
+pub async fn get(db: &Db, id: &str) -> Result<Option<Order>, sqlx::Error> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).bind(id).fetch_optional(&db.pool).await?;
+    row.as_ref().map(decode).transpose()
+}
+
+/// Lists orders newest first, optionally of one customer and status, before id `before`.
+pub async fn list(
+    db: &Db,
+    customer_id: Option<&str>,
+    status: Option<OrderStatus>,
+    before: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Order>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM orders WHERE ($1 IS NULL OR customer_id = $1) AND ($2 IS NULL OR status = $2) \
+         AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+    ))
+    .bind(customer_id)
+    .bind(status.map(OrderStatus::as_str))
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// Fixes a pending order's prices and total. False if it is no longer pending (rejected by a
+/// compensation that ran first: a late create_order is then a no-op).
+pub async fn price(conn: &mut AnyConnection, id: &str, items: &[OrderItem], total: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("UPDATE orders SET items = $1, total_cents = $2, updated_at = $3 WHERE id = $4 AND status = 'pending'")
+        .bind(serde_json::to_string(items).unwrap_or_default())
+        .bind(total)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Moves an order from status `from` to `to`, recording `failure` if given. False if it was not
+/// in `from`.
+pub async fn transition(
+    conn: &mut AnyConnection,
+    id: &str,
+    from: OrderStatus,
+    to: OrderStatus,
+    failure: Option<&Value>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE orders SET status = $1, failure = COALESCE($2, failure), updated_at = $3 WHERE id = $4 AND status = $5",
+    )
+    .bind(to.as_str())
+    .bind(failure.map(Value::to_string))
+    .bind(now_ms())
+    .bind(id)
+    .bind(from.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The status of an order read inside a step's transaction.
+pub async fn status(conn: &mut AnyConnection, id: &str) -> Result<Option<OrderStatus>, sqlx::Error> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
+    Ok(status.as_deref().and_then(OrderStatus::parse))
+}
+
+/// Attaches a cancel saga to a confirmed order that has none. False if it has one already or is
+/// not confirmed.
+pub async fn attach_cancel(conn: &mut AnyConnection, id: &str, cancel_saga_id: &str) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE orders SET cancel_saga_id = $1, updated_at = $2 WHERE id = $3 AND status = 'confirmed' AND cancel_saga_id IS NULL",
+    )
+    .bind(cancel_saga_id)
+    .bind(now_ms())
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

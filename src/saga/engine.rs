@@ -1,0 +1,647 @@
+//! The saga execution coordinator: starts sagas, drives each in its own task through its steps
+//! (or back through the compensations), retries transient failures, and resumes unfinished sagas
+//! from the log: the recovery loop, the lease heartbeat and graceful shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::definition::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, StepError};
+use super::fault::{Fault, FaultInjector, Phase};
+use super::log::{self, LogError, NewEvent, SagaRecord, SagaState};
+use crate::db::{Db, now_ms};
+
+/// Timing and limits of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This instance's identity in the `owner` column.
+    pub instance_id: String,
+    /// How long a claim or heartbeat holds a saga (`LEASE_MS`).
+    pub lease: Duration,
+    /// How often to look for sagas to resume (`RECOVERY_INTERVAL_MS`).
+    pub recovery_interval: Duration,
+    /// Before the pivot, a saga still failing this long after it started compensates.
+    pub deadline: Duration,
+    /// Failed attempts of one step after which the saga is flagged stuck.
+    pub stuck_after_attempts: u32,
+    /// First retry delay; doubled per attempt up to `backoff_cap`.
+    pub backoff_base: Duration,
+    /// The longest retry delay.
+    pub backoff_cap: Duration,
+    /// Most sagas the recovery loop drives at once.
+    pub max_recovering: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            lease: Duration::from_secs(10),
+            recovery_interval: Duration::from_secs(1),
+            deadline: Duration::from_secs(30),
+            stuck_after_attempts: 10,
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_secs(2),
+            max_recovering: 256,
+        }
+    }
+}
+
+/// Errors the engine reports to its callers.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No definition of this kind is registered.
+    #[error("unknown saga kind {0:?}")]
+    UnknownKind(String),
+    /// The log database failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Why the driving of a saga stopped before it settled.
+#[derive(Debug)]
+enum Halt {
+    /// Another claim took the saga over.
+    LeaseLost,
+    /// A fault injection simulated this process dying.
+    Crash,
+    /// The instance is shutting down.
+    Shutdown,
+    /// The saga's task panicked (a bug); its lease is released for another try.
+    Panicked,
+}
+
+/// The outcome of one attempt at a step.
+enum Attempt {
+    Done,
+    Failed(StepError),
+    Halt(Halt),
+}
+
+/// Runs saga definitions against the log database and the participants' databases.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Db,
+    participants: HashMap<&'static str, Db>,
+    definitions: HashMap<(&'static str, i64), Arc<SagaDefinition>>,
+    latest: HashMap<&'static str, Arc<SagaDefinition>>,
+    config: EngineConfig,
+    faults: Option<Arc<dyn FaultInjector>>,
+    /// Sagas this instance drives, each with a channel that flips to true when it settles.
+    watchers: Mutex<HashMap<String, watch::Sender<bool>>>,
+    recovering: AtomicUsize,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    /// Dropping the engine stops its loops without releasing leases, as a crash would.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for handle in self.background.lock().unwrap().drain(..) {
+            handle.abort();
+        }
+    }
+}
+
+impl Engine {
+    /// Builds an engine. `participants` maps each participant name used by a step to its
+    /// database; the log participant is added. The newest version of each kind starts new sagas.
+    pub fn new(
+        log: Db,
+        participants: HashMap<&'static str, Db>,
+        definitions: Vec<SagaDefinition>,
+        config: EngineConfig,
+        faults: Option<Arc<dyn FaultInjector>>,
+    ) -> Engine {
+        let mut participants = participants;
+        participants.insert(LOG_PARTICIPANT, log.clone());
+        let mut by_version = HashMap::new();
+        let mut latest: HashMap<&'static str, Arc<SagaDefinition>> = HashMap::new();
+        for def in definitions {
+            for step in &def.steps {
+                assert!(participants.contains_key(step.participant), "no database for participant {}", step.participant);
+            }
+            let def = Arc::new(def);
+            if latest.get(def.kind).is_none_or(|l| l.version < def.version) {
+                latest.insert(def.kind, def.clone());
+            }
+            by_version.insert((def.kind, def.version), def);
+        }
+        Engine {
+            inner: Arc::new(Inner {
+                log,
+                participants,
+                definitions: by_version,
+                latest,
+                config,
+                faults,
+                watchers: Mutex::new(HashMap::new()),
+                recovering: AtomicUsize::new(0),
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                background: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The log database.
+    pub fn log_db(&self) -> &Db {
+        &self.inner.log
+    }
+
+    /// This instance's id, as written in the `owner` column.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.config.instance_id
+    }
+
+    /// Writes a new saga of `kind` ahead of its first step, inside the caller's transaction on
+    /// the log database (design rule 1). Returns its record; run it with [`Engine::launch`]
+    /// once the transaction has committed.
+    pub async fn write_ahead(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        kind: &str,
+        id: String,
+        input: Value,
+    ) -> Result<SagaRecord, EngineError> {
+        let def = self.inner.latest.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.to_string()))?;
+        let now = now_ms();
+        let record = SagaRecord {
+            id,
+            kind: def.kind.to_string(),
+            version: def.version,
+            state: SagaState::Running,
+            stuck: false,
+            input,
+            outputs: Default::default(),
+            failure: None,
+            current_step: 0,
+            attempts: 0,
+            last_error: None,
+            next_seq: 1,
+            owner: Some(self.inner.config.instance_id.clone()),
+            lease_expires_at: now + self.inner.config.lease.as_millis() as i64,
+            generation: 1,
+            deadline_at: now + self.inner.config.deadline.as_millis() as i64,
+            created_at: now,
+            updated_at: now,
+        };
+        log::insert(conn, &record).await?;
+        Ok(record)
+    }
+
+    /// Drives a saga this instance wrote ahead, in its own task: a caller that goes away never
+    /// interrupts it (design rule 7).
+    pub fn launch(&self, record: SagaRecord) {
+        self.spawn_driver(record.id.clone(), record.generation, Some(record), false);
+    }
+
+    /// Waits up to `timeout` for a saga to settle. True if it has (here or on another instance).
+    pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<bool, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let local = self.inner.watchers.lock().unwrap().get(id).map(|tx| tx.subscribe());
+        if let Some(mut rx) = local {
+            let settled = tokio::time::timeout_at(deadline, rx.wait_for(|settled| *settled)).await;
+            if matches!(settled, Ok(Ok(_))) {
+                return Ok(true);
+            }
+        }
+        // Driven elsewhere (another instance, or a recovery yet to come): poll the log.
+        loop {
+            if let Some(saga) = log::get(&self.inner.log, id).await? {
+                if saga.state.is_final() {
+                    return Ok(true);
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep_until((now + Duration::from_millis(25)).min(deadline)).await;
+        }
+    }
+
+    /// Reads one saga with its history.
+    pub async fn saga(&self, id: &str) -> Result<Option<(SagaRecord, Vec<log::Event>)>, sqlx::Error> {
+        let Some(saga) = log::get(&self.inner.log, id).await? else { return Ok(None) };
+        let events = log::events(&self.inner.log, id).await?;
+        Ok(Some((saga, events)))
+    }
+
+    /// Lists sagas, newest first.
+    pub async fn list(&self, filter: &log::SagaFilter) -> Result<Vec<SagaRecord>, sqlx::Error> {
+        log::list(&self.inner.log, filter).await
+    }
+
+    /// The definition a saga runs under, if this build knows it.
+    pub fn definition(&self, kind: &str, version: i64) -> Option<&SagaDefinition> {
+        self.inner.definitions.iter().find(|((k, v), _)| *k == kind && *v == version).map(|(_, d)| d.as_ref())
+    }
+
+    /// Starts the recovery loop and the lease heartbeat. Recovery runs at once, then every
+    /// `recovery_interval`.
+    pub fn start_background(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let interval = self.inner.config.recovery_interval;
+        let recovery = tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.shutdown.is_cancelled() {
+                    return;
+                }
+                if let Err(error) = (Engine { inner: inner.clone() }).recover_once().await {
+                    tracing::warn!(%error, "recovery pass failed; retrying next interval");
+                }
+                drop(inner);
+                tokio::time::sleep(interval).await;
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        let beat = self.inner.config.lease / 3;
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(beat).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.shutdown.is_cancelled() {
+                    return;
+                }
+                let until = now_ms() + inner.config.lease.as_millis() as i64;
+                if let Err(error) = log::renew_leases(&inner.log, &inner.config.instance_id, until).await {
+                    tracing::warn!(%error, "lease heartbeat failed");
+                }
+            }
+        });
+        self.inner.background.lock().unwrap().extend([recovery, heartbeat]);
+    }
+
+    /// One recovery pass: claims unfinished sagas whose lease has expired and drives each.
+    /// Returns how many it claimed.
+    pub async fn recover_once(&self) -> Result<usize, sqlx::Error> {
+        let inner = &self.inner;
+        let room = inner.config.max_recovering.saturating_sub(inner.recovering.load(Ordering::Relaxed));
+        if room == 0 || inner.shutdown.is_cancelled() {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let until = now + inner.config.lease.as_millis() as i64;
+        let claimed = log::claim_expired(&inner.log, &inner.config.instance_id, now, until, room as i64).await?;
+        for (id, generation) in &claimed {
+            tracing::info!(saga_id = %id, generation, "resuming saga from the log");
+            self.spawn_driver(id.clone(), *generation, None, true);
+        }
+        Ok(claimed.len())
+    }
+
+    /// Simulates this instance dying: its loops and saga tasks stop at their next step boundary
+    /// and its leases are kept, so only their expiry lets another engine resume its sagas.
+    pub fn kill(&self) {
+        self.inner.shutdown.cancel();
+        for handle in self.inner.background.lock().unwrap().drain(..) {
+            handle.abort();
+        }
+    }
+
+    /// Stops starting work, lets running steps end within `grace`, then releases this
+    /// instance's leases so that another instance (or the next start) resumes at once.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.shutdown.cancel();
+        for handle in inner.background.lock().unwrap().drain(..) {
+            handle.abort();
+        }
+        inner.tasks.close();
+        if tokio::time::timeout(grace, inner.tasks.wait()).await.is_err() {
+            tracing::warn!("saga tasks still running after the shutdown grace; their steps resume elsewhere");
+        }
+        match log::release_leases(&inner.log, &inner.config.instance_id).await {
+            Ok(n) => tracing::info!(released = n, "released saga leases"),
+            Err(error) => tracing::warn!(%error, "could not release leases; they expire after LEASE_MS"),
+        }
+    }
+
+    fn spawn_driver(&self, id: String, generation: i64, record: Option<SagaRecord>, recovered: bool) {
+        let inner = self.inner.clone();
+        {
+            let mut watchers = inner.watchers.lock().unwrap();
+            watchers.entry(id.clone()).or_insert_with(|| watch::channel(false).0);
+        }
+        if recovered {
+            inner.recovering.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.tasks.spawn(async move {
+            let task_inner = inner.clone();
+            let task_id = id.clone();
+            let joined = tokio::spawn(async move {
+                let driver = Driver { inner: &task_inner, generation };
+                driver.run(&task_id, record).await
+            })
+            .await;
+            let outcome = joined.unwrap_or_else(|error| {
+                tracing::error!(saga_id = %id, %error, "saga task panicked");
+                Err(Halt::Panicked)
+            });
+            if matches!(outcome, Err(Halt::Panicked)) {
+                // Give the saga back at once rather than holding it under a live heartbeat.
+                let _ = log::release_one(&inner.log, &id, generation).await;
+            }
+            if recovered {
+                inner.recovering.fetch_sub(1, Ordering::Relaxed);
+            }
+            let settled = matches!(outcome, Ok(state) if state.is_final());
+            if let Some(tx) = inner.watchers.lock().unwrap().remove(&id) {
+                tx.send_replace(settled);
+            }
+            match outcome {
+                Ok(_) => {}
+                Err(Halt::Shutdown) => tracing::info!(saga_id = %id, "saga left for the next owner at shutdown"),
+                Err(halt) => tracing::warn!(saga_id = %id, ?halt, "stopped driving saga"),
+            }
+        });
+    }
+}
+
+/// Drives one saga under one generation.
+struct Driver<'a> {
+    inner: &'a Arc<Inner>,
+    generation: i64,
+}
+
+impl Driver<'_> {
+    async fn run(&self, id: &str, record: Option<SagaRecord>) -> Result<SagaState, Halt> {
+        let mut saga = match record {
+            Some(record) => record,
+            None => self.load(id).await?,
+        };
+        if saga.generation != self.generation {
+            return Err(Halt::LeaseLost);
+        }
+        let Some(def) = self.inner.definitions.get(&(saga.kind.as_str(), saga.version)).cloned() else {
+            tracing::error!(saga_id = %id, kind = %saga.kind, version = saga.version,
+                "no definition of this saga's kind and version in this build; leaving it to one that has it");
+            let _ = log::release_one(&self.inner.log, id, self.generation).await;
+            return Err(Halt::LeaseLost);
+        };
+        loop {
+            if self.inner.shutdown.is_cancelled() {
+                return Err(Halt::Shutdown);
+            }
+            match saga.state {
+                SagaState::Completed | SagaState::Compensated => return Ok(saga.state),
+                SagaState::Running => self.forward(&def, &mut saga).await?,
+                SagaState::Compensating => self.backward(&def, &mut saga).await?,
+            }
+        }
+    }
+
+    /// Loads the saga, retrying while the log database is unreachable.
+    async fn load(&self, id: &str) -> Result<SagaRecord, Halt> {
+        let mut attempt = 0;
+        loop {
+            match log::get(&self.inner.log, id).await {
+                Ok(Some(saga)) => return Ok(saga),
+                Ok(None) => return Err(Halt::LeaseLost),
+                Err(error) => {
+                    attempt += 1;
+                    tracing::warn!(saga_id = %id, %error, "cannot load saga; retrying");
+                    self.backoff(attempt).await?;
+                }
+            }
+        }
+    }
+
+    /// One forward move: run the current step once, or finish, or turn to compensation.
+    async fn forward(&self, def: &SagaDefinition, saga: &mut SagaRecord) -> Result<(), Halt> {
+        let index = saga.current_step as usize;
+        let Some(step) = def.steps.get(index) else {
+            // Every step is recorded; only the final state is missing.
+            return self.write(saga, |s| s.state = SagaState::Completed, &[event(None, "completed", None)]).await;
+        };
+        let past_pivot = def.past_pivot(index);
+        if !past_pivot && now_ms() > saga.deadline_at {
+            let failure = json!({"code": "deadline_exceeded",
+                "detail": format!("the saga did not reach its pivot within {} ms", self.inner.config.deadline.as_millis())});
+            return self.compensate(def, saga, failure).await;
+        }
+        match self.attempt(def, saga, step, Phase::Action).await {
+            Attempt::Done => Ok(()),
+            Attempt::Halt(halt) => Err(halt),
+            Attempt::Failed(StepError::Permanent { code, detail, extra }) if !past_pivot => {
+                let mut failure = extra;
+                failure.insert("code".into(), code.clone().into());
+                failure.insert("detail".into(), detail.clone().into());
+                failure.insert("step".into(), step.name.into());
+                self.write(saga, |_| {}, &[event(Some(step.name), "failed", Some(format!("{code}: {detail}")))]).await?;
+                self.compensate(def, saga, Value::Object(failure)).await
+            }
+            Attempt::Failed(error) => self.failed_attempt(saga, step, error, "failed").await,
+        }
+    }
+
+    /// One backward move: run the next compensation once, or finish.
+    async fn backward(&self, def: &SagaDefinition, saga: &mut SagaRecord) -> Result<(), Halt> {
+        // Skip the steps that have nothing to undo.
+        while saga.current_step > 0 && def.steps[saga.current_step as usize - 1].compensation.is_none() {
+            saga.current_step -= 1;
+        }
+        if saga.current_step == 0 {
+            return self.write(saga, |s| s.state = SagaState::Compensated, &[event(None, "compensated", None)]).await;
+        }
+        let step = &def.steps[saga.current_step as usize - 1];
+        match self.attempt(def, saga, step, Phase::Compensation).await {
+            Attempt::Done => Ok(()),
+            Attempt::Halt(halt) => Err(halt),
+            // A compensation never gives up (design rule 5).
+            Attempt::Failed(error) => self.failed_attempt(saga, step, error, "compensation_failed").await,
+        }
+    }
+
+    /// Turns the saga backward. Every step before the pivot is compensated, last to first,
+    /// whether or not it ran: a compensation of a step that never took effect leaves a tombstone
+    /// that makes a late action a no-op (design rule 3), and a step in doubt is covered either way.
+    async fn compensate(&self, def: &SagaDefinition, saga: &mut SagaRecord, failure: Value) -> Result<(), Halt> {
+        let undo = def.pivot_index().unwrap_or(def.steps.len()) as i64;
+        let detail = failure.to_string();
+        self.write(
+            saga,
+            |s| {
+                s.state = SagaState::Compensating;
+                s.failure = Some(failure);
+                s.current_step = undo;
+                s.attempts = 0;
+                s.stuck = false;
+            },
+            &[event(None, "compensating", Some(detail))],
+        )
+        .await
+    }
+
+    /// Records a failed attempt, flags the saga stuck past the threshold, and backs off.
+    async fn failed_attempt(&self, saga: &mut SagaRecord, step: &Step, error: StepError, name: &'static str) -> Result<(), Halt> {
+        let attempts = saga.attempts + 1;
+        let stuck = attempts >= i64::from(self.inner.config.stuck_after_attempts);
+        let message = error.to_string();
+        tracing::warn!(saga_id = %saga.id, step = step.name, attempts, error = %message, "step attempt failed; retrying");
+        let mut events = vec![event(Some(step.name), name, Some(message.clone()))];
+        if stuck && !saga.stuck {
+            events.push(event(Some(step.name), "stuck", Some(format!("{attempts} failed attempts"))));
+        }
+        self.write(
+            saga,
+            |s| {
+                s.attempts = attempts;
+                s.last_error = Some(message);
+                s.stuck = stuck;
+            },
+            &events,
+        )
+        .await?;
+        self.backoff(attempts as u32).await
+    }
+
+    /// Runs one attempt of a step's action or compensation and records its success.
+    async fn attempt(&self, def: &SagaDefinition, saga: &mut SagaRecord, step: &Step, phase: Phase) -> Attempt {
+        let function = match phase {
+            Phase::Action => step.action,
+            Phase::Compensation => step.compensation.expect("only steps with a compensation are undone"),
+        };
+        let fault = self.inner.faults.as_ref().and_then(|f| f.fault(def.kind, step.name, phase, saga.attempts as u32 + 1));
+        match &fault {
+            Some(Fault::Fail(error)) => return Attempt::Failed(error.clone()),
+            Some(Fault::CrashBefore) => return Attempt::Halt(Halt::Crash),
+            _ => {}
+        }
+        let ctx = StepContext {
+            saga_id: saga.id.clone(),
+            input: saga.input.clone(),
+            outputs: saga.outputs.clone(),
+            failure: saga.failure.clone(),
+        };
+        let db = &self.inner.participants[step.participant];
+        let in_log = db.url == self.inner.log.url;
+        let runs = if matches!(fault, Some(Fault::RunTwice)) { 2 } else { 1 };
+        let mut output = Value::Null;
+        for run in 1..=runs {
+            let result: Result<(), Attempt> = async {
+                let mut tx = db.pool.begin().await.map_err(|e| Attempt::Failed(e.into()))?;
+                output = function(&mut tx, &ctx).await.map_err(Attempt::Failed)?;
+                if in_log && run == runs {
+                    // In the log database the effect and its record commit together (rule 4).
+                    let mut next = saga.clone();
+                    advance(&mut next, step, phase, &output);
+                    let events = [event(Some(step.name), success_event(phase), None)];
+                    log::record(&mut tx, &mut next, &events, now_ms()).await.map_err(log_failure)?;
+                    tx.commit().await.map_err(|e| Attempt::Failed(e.into()))?;
+                    *saga = next;
+                } else {
+                    tx.commit().await.map_err(|e| Attempt::Failed(e.into()))?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(outcome) = result {
+                return outcome;
+            }
+        }
+        if matches!(fault, Some(Fault::CrashAfter)) {
+            return Attempt::Halt(Halt::Crash);
+        }
+        if !in_log {
+            // The step committed in its own database; now the log records it. If this fails the
+            // step is in doubt and runs again, which rule 3 makes harmless.
+            let recorded = self
+                .write(saga, |s| advance(s, step, phase, &output), &[event(Some(step.name), success_event(phase), None)])
+                .await;
+            if let Err(halt) = recorded {
+                return Attempt::Halt(halt);
+            }
+        }
+        Attempt::Done
+    }
+
+    /// Applies `change` to a copy of the saga and records it with `events`; the saga in memory
+    /// changes only once the write commits. While the log database fails, retries with backoff.
+    async fn write(&self, saga: &mut SagaRecord, change: impl FnOnce(&mut SagaRecord), events: &[NewEvent]) -> Result<(), Halt> {
+        let mut next = saga.clone();
+        change(&mut next);
+        let mut attempt = 0;
+        loop {
+            let mut candidate = next.clone();
+            let result: Result<(), LogError> = async {
+                let mut tx = self.inner.log.pool.begin().await?;
+                log::record(&mut tx, &mut candidate, events, now_ms()).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    *saga = candidate;
+                    return Ok(());
+                }
+                Err(LogError::LeaseLost) => return Err(Halt::LeaseLost),
+                Err(LogError::Db(error)) => {
+                    attempt += 1;
+                    tracing::warn!(saga_id = %saga.id, %error, attempt, "log write failed; retrying");
+                    self.backoff(attempt).await?;
+                }
+            }
+        }
+    }
+
+    /// Sleeps the retry delay for `attempt` (exponential, capped, with jitter), unless shut down.
+    async fn backoff(&self, attempt: u32) -> Result<(), Halt> {
+        let config = &self.inner.config;
+        let exp = config.backoff_base.saturating_mul(1u32 << attempt.min(20).saturating_sub(1));
+        let delay = exp.min(config.backoff_cap);
+        // Equal jitter: half fixed, half random, so retries of many sagas spread out.
+        let jittered = delay / 2 + delay.mul_f64(fastrand::f64() / 2.0);
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => Ok(()),
+            _ = self.inner.shutdown.cancelled() => Err(Halt::Shutdown),
+        }
+    }
+}
+
+/// Moves the saga past a step that succeeded (forward) or was compensated (backward).
+fn advance(saga: &mut SagaRecord, step: &Step, phase: Phase, output: &Value) {
+    match phase {
+        Phase::Action => {
+            saga.outputs.insert(step.name.to_string(), output.clone());
+            saga.current_step += 1;
+        }
+        Phase::Compensation => saga.current_step -= 1,
+    }
+    saga.attempts = 0;
+    saga.last_error = None;
+    saga.stuck = false;
+}
+
+fn success_event(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Action => "succeeded",
+        Phase::Compensation => "compensated",
+    }
+}
+
+fn event(step: Option<&'static str>, name: &'static str, detail: Option<String>) -> NewEvent {
+    NewEvent { step, event: name, detail }
+}
+
+fn log_failure(error: LogError) -> Attempt {
+    match error {
+        LogError::LeaseLost => Attempt::Halt(Halt::LeaseLost),
+        LogError::Db(e) => Attempt::Failed(e.into()),
+    }
+}
