@@ -84,7 +84,12 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
 impl App {
     /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets running steps
     /// end within `grace` and releases this instance's leases.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static, grace: Duration) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
             let mut rx = stop_rx;

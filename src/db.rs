@@ -110,11 +110,7 @@ impl Db {
                 })
             }),
         };
-        let pool = pool_options
-            .acquire_timeout(settings.acquire_timeout)
-            .connect_with(options)
-            .await
-            .map_err(wrap)?;
+        let pool = pool_options.acquire_timeout(settings.acquire_timeout).connect_with(options).await.map_err(wrap)?;
         let db = Db { pool, backend, url: url.clone() };
         crate::migrate::run(&db).await.map_err(wrap)?;
         Ok(db)
@@ -122,10 +118,7 @@ impl Db {
 
     /// Answers whether the database responds, within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await,
-            Ok(Ok(_))
-        )
+        matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await, Ok(Ok(_)))
     }
 }
 
@@ -156,10 +149,7 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 
 /// Milliseconds since the Unix epoch: the one clock every stored time uses.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Formats a stored time as RFC 3339 (UTC, milliseconds) for the API.
@@ -195,7 +185,10 @@ mod tests {
 
     #[test]
     fn normalizes_urls() {
-        assert_eq!(normalize_url("order-saga.db").unwrap(), ("sqlite://order-saga.db?mode=rwc".into(), Backend::Sqlite));
+        assert_eq!(
+            normalize_url("order-saga.db").unwrap(),
+            ("sqlite://order-saga.db?mode=rwc".into(), Backend::Sqlite)
+        );
         assert_eq!(normalize_url("sqlite:/tmp/x.db").unwrap().0, "sqlite:///tmp/x.db?mode=rwc");
         assert_eq!(normalize_url("postgres://u@h/d").unwrap().1, Backend::Postgres);
         assert!(normalize_url("mysql://h/d").is_err());

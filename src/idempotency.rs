@@ -56,12 +56,20 @@ pub async fn get(db: &Db, scope: &str, key: &str) -> Result<Option<KeyRecord>, s
         .fetch_optional(&db.pool)
         .await?;
     row.map(|r| {
-        Ok(KeyRecord { fingerprint: r.try_get("fingerprint")?, saga_id: r.try_get("saga_id")?, order_id: r.try_get("order_id")? })
+        Ok(KeyRecord {
+            fingerprint: r.try_get("fingerprint")?,
+            saga_id: r.try_get("saga_id")?,
+            order_id: r.try_get("order_id")?,
+        })
     })
     .transpose()
 }
 
 /// Deletes the records created before `cutoff` (ms); returns how many.
 pub async fn purge(db: &Db, cutoff: i64) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(cutoff).execute(&db.pool).await?.rows_affected())
+    Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+        .bind(cutoff)
+        .execute(&db.pool)
+        .await?
+        .rows_affected())
 }

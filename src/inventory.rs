@@ -117,13 +117,12 @@ impl Inventory {
 
     /// Lists products by id, after `after` (the previous page's last id).
     pub async fn list(&self, after: Option<&str>, limit: i64) -> Result<Vec<Product>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM products WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2"
-        ))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?;
+        let rows =
+            sqlx::query(&format!("SELECT {COLUMNS} FROM products WHERE ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2"))
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.db.pool)
+                .await?;
         Ok(rows.iter().map(decode).collect::<Result<_, _>>()?)
     }
 
@@ -185,7 +184,11 @@ pub async fn reserve(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) ->
             .fetch_optional(&mut *conn)
             .await?;
         let Some(price) = price else {
-            return Err(permanent("unknown_product", format!("product {:?} does not exist", line.product_id), &line.product_id));
+            return Err(permanent(
+                "unknown_product",
+                format!("product {:?} does not exist", line.product_id),
+                &line.product_id,
+            ));
         };
         prices.insert(line.product_id.clone(), price.into());
         let fresh = sqlx::query(
@@ -307,7 +310,13 @@ async fn transition(
     .await?)
 }
 
-async fn move_stock(conn: &mut AnyConnection, product_id: &str, set: &str, quantity: i64, now: i64) -> Result<(), StepError> {
+async fn move_stock(
+    conn: &mut AnyConnection,
+    product_id: &str,
+    set: &str,
+    quantity: i64,
+    now: i64,
+) -> Result<(), StepError> {
     sqlx::query(&format!("UPDATE products SET {set}, updated_at = $2 WHERE id = $3"))
         .bind(quantity)
         .bind(now)

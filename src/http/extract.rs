@@ -22,7 +22,9 @@ pub fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Valu
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Problem::validation(vec![FieldError::new("body", "must be a JSON object")])),
-        Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))),
+        Err(e) => {
+            Err(Problem::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}")))
+        }
     }
 }
 
@@ -82,7 +84,9 @@ impl<'a, 'e> Fields<'a, 'e> {
     /// An integer in `min..=max`.
     pub fn integer(&mut self, name: &str, min: i64, max: i64) -> Option<i64> {
         let value = self.present(name)?;
-        let Some(n) = value.as_i64().or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e18).map(|f| f as i64)) else {
+        let Some(n) =
+            value.as_i64().or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e18).map(|f| f as i64))
+        else {
             if value.is_number() {
                 self.fail(name, format!("must be an integer from {min} to {max}"));
             } else {
@@ -146,7 +150,9 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 
 /// True when a `Prefer` header asks for `respond-async`.
 pub fn prefers_async(headers: &HeaderMap) -> bool {
-    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split([',', ';']).any(|token| token.trim().eq_ignore_ascii_case("respond-async"))
-    })
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split([',', ';']).any(|token| token.trim().eq_ignore_ascii_case("respond-async")))
 }

@@ -111,7 +111,11 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::CONTENT_TYPE, HeaderName::from_static("idempotency-key"), HeaderName::from_static("prefer")])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("prefer"),
+        ])
         .expose_headers([
             header::LOCATION,
             header::RETRY_AFTER,
@@ -126,8 +130,12 @@ fn cors(origins: &[String]) -> CorsLayer {
 async fn request_timeout(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "request_timeout", "the request took longer than REQUEST_TIMEOUT_MS")
-            .into_response(),
+        Err(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            "the request took longer than REQUEST_TIMEOUT_MS",
+        )
+        .into_response(),
     }
 }
 
@@ -140,8 +148,12 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(state): State<AppState>) -> Response {
     for db in &state.databases {
         if !db.ping(Duration::from_secs(1)).await {
-            return Problem::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "a database is not answering")
-                .into_response();
+            return Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "a database is not answering",
+            )
+            .into_response();
         }
     }
     Json(json!({ "status": "ready" })).into_response()

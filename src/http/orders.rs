@@ -2,10 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -129,7 +129,10 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 }
 
 /// `GET /orders?customer_id=&status=&limit=&cursor=`: newest first.
-pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
     let limit = extract::limit(&params, &mut errors);
     let status = params.get("status").and_then(|s| {

@@ -84,11 +84,19 @@ impl From<Error> for Problem {
                 Problem::new(StatusCode::CONFLICT, "product_exists", format!("product {id:?} already exists"))
             }
             Error::Validation(errors) => Problem::validation(errors),
-            e @ Error::IdempotencyKeyReused => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string()),
-            e @ Error::OrderNotCancellable { .. } => Problem::new(StatusCode::CONFLICT, "order_not_cancellable", e.to_string()),
+            e @ Error::IdempotencyKeyReused => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string())
+            }
+            e @ Error::OrderNotCancellable { .. } => {
+                Problem::new(StatusCode::CONFLICT, "order_not_cancellable", e.to_string())
+            }
             Error::Unavailable(source) => {
                 tracing::warn!(error = %source, "database unavailable");
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "a database is not answering; retry shortly")
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "a database is not answering; retry shortly",
+                )
             }
             Error::Internal(message) => {
                 tracing::error!(error = %message, "internal error");
@@ -105,10 +113,8 @@ pub type ApiResult<T> = Result<T, Problem>;
 /// a body-limit rejection) into one, so that every error has the same shape.
 pub async fn problem_for_bare_errors(response: Response) -> Response {
     let status = response.status();
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    let is_problem =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
     if (status.is_client_error() || status.is_server_error()) && !is_problem {
         let mut problem = Problem::for_status(status).into_response();
         for (name, value) in response.headers() {

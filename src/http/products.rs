@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -49,7 +49,10 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 }
 
 /// `GET /products?limit=&cursor=`: by id, a page at a time.
-pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
     let limit = extract::limit(&params, &mut errors);
     if !errors.is_empty() {

@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
 use axum::Json;
+use axum::extract::{Path, Query, State};
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -55,7 +55,9 @@ fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> V
             let last = mine.iter().rev().find(|e| e.event != "stuck").map(|e| e.event.as_str());
             let current = saga.current_step as usize;
             let state = match (saga.state, last) {
-                (SagaState::Compensating, _) if current >= 1 && current - 1 == index && last != Some("compensated") => "compensating",
+                (SagaState::Compensating, _) if current >= 1 && current - 1 == index && last != Some("compensated") => {
+                    "compensating"
+                }
                 (_, Some("succeeded")) => "succeeded",
                 (_, Some("compensated")) => "compensated",
                 (_, Some("compensation_failed")) => "compensating",
@@ -78,7 +80,8 @@ fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> V
 
 /// `GET /sagas/{id}`: the saga, its steps and its events.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let (saga, events) = state.engine.saga(&id).await.map_err(Error::from)?.ok_or_else(|| Error::NotFound(format!("saga {id:?}")))?;
+    let (saga, events) =
+        state.engine.saga(&id).await.map_err(Error::from)?.ok_or_else(|| Error::NotFound(format!("saga {id:?}")))?;
     let def = state.engine.definition(&saga.kind, saga.version);
     let mut body = summary(&saga);
     body["steps"] = Value::Array(steps(&saga, def, &events));
@@ -90,7 +93,10 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 }
 
 /// `GET /sagas?state=&kind=&stuck=&limit=&cursor=`: newest first.
-pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
     let limit = extract::limit(&params, &mut errors);
     let saga_state = params.get("state").and_then(|s| {

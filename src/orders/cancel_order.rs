@@ -27,7 +27,13 @@ pub fn definition() -> SagaDefinition {
         version: 1,
         steps: vec![
             Step { name: "cancel", participant: LOG_PARTICIPANT, action: cancel, compensation: None, pivot: true },
-            Step { name: "return_stock", participant: INVENTORY, action: return_stock, compensation: None, pivot: false },
+            Step {
+                name: "return_stock",
+                participant: INVENTORY,
+                action: return_stock,
+                compensation: None,
+                pivot: false,
+            },
         ],
     }
 }

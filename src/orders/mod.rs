@@ -101,7 +101,14 @@ impl Orders {
         let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
         let engine = self.engine.clone();
         let record = key.as_ref().map(|(key, fingerprint)| {
-            (key.to_string(), KeyRecord { fingerprint: fingerprint.clone(), saga_id: order.saga_id.clone(), order_id: order.id.clone() })
+            (
+                key.to_string(),
+                KeyRecord {
+                    fingerprint: fingerprint.clone(),
+                    saga_id: order.saga_id.clone(),
+                    order_id: order.id.clone(),
+                },
+            )
         });
         let pending = order.clone();
         // Its own task, so that a client hanging up cannot stop it between the write-ahead commit
@@ -160,7 +167,10 @@ impl Orders {
         });
         match total {
             Some(_) => Ok(()),
-            None => Err(Error::Validation(vec![FieldError::new("items", format!("the order's total would exceed {MAX_SAFE_INTEGER} cents"))])),
+            None => Err(Error::Validation(vec![FieldError::new(
+                "items",
+                format!("the order's total would exceed {MAX_SAFE_INTEGER} cents"),
+            )])),
         }
     }
 
@@ -171,7 +181,9 @@ impl Orders {
         let cancel_saga_id = match (order.status, &order.cancel_saga_id) {
             (OrderStatus::Confirmed | OrderStatus::Cancelled, Some(existing)) => existing.clone(),
             (OrderStatus::Confirmed, None) => self.start_cancel(&order).await?,
-            (status, _) => return Err(Error::OrderNotCancellable { id: id.to_string(), status: status.as_str().to_string() }),
+            (status, _) => {
+                return Err(Error::OrderNotCancellable { id: id.to_string(), status: status.as_str().to_string() });
+            }
         };
         let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?;
         let order = self.get(id).await?;
@@ -206,7 +218,10 @@ impl Orders {
         }
         // A concurrent cancel attached its saga first; follow that one.
         let order = self.get(&order.id).await?;
-        order.cancel_saga_id.ok_or_else(|| Error::OrderNotCancellable { id: order.id.clone(), status: order.status.as_str().to_string() })
+        order.cancel_saga_id.ok_or_else(|| Error::OrderNotCancellable {
+            id: order.id.clone(),
+            status: order.status.as_str().to_string(),
+        })
     }
 
     /// Reads one order.
@@ -215,7 +230,13 @@ impl Orders {
     }
 
     /// Lists orders newest first.
-    pub async fn list(&self, customer_id: Option<&str>, status: Option<OrderStatus>, before: Option<&str>, limit: i64) -> Result<Vec<Order>> {
+    pub async fn list(
+        &self,
+        customer_id: Option<&str>,
+        status: Option<OrderStatus>,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Order>> {
         Ok(store::list(self.engine.log_db(), customer_id, status, before, limit).await?)
     }
 

@@ -28,10 +28,28 @@ pub fn definition() -> SagaDefinition {
         kind: KIND,
         version: 1,
         steps: vec![
-            Step { name: "reserve_stock", participant: INVENTORY, action: reserve_stock, compensation: Some(release_stock), pivot: false },
-            Step { name: "create_order", participant: LOG_PARTICIPANT, action: create_order, compensation: Some(reject_order), pivot: false },
+            Step {
+                name: "reserve_stock",
+                participant: INVENTORY,
+                action: reserve_stock,
+                compensation: Some(release_stock),
+                pivot: false,
+            },
+            Step {
+                name: "create_order",
+                participant: LOG_PARTICIPANT,
+                action: create_order,
+                compensation: Some(reject_order),
+                pivot: false,
+            },
             Step { name: "confirm", participant: LOG_PARTICIPANT, action: confirm, compensation: None, pivot: true },
-            Step { name: "commit_stock", participant: INVENTORY, action: commit_stock, compensation: None, pivot: false },
+            Step {
+                name: "commit_stock",
+                participant: INVENTORY,
+                action: commit_stock,
+                compensation: None,
+                pivot: false,
+            },
         ],
     }
 }
@@ -68,7 +86,11 @@ fn create_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFu
                 .and_then(|t| t.checked_add(total))
                 .filter(|t| *t <= MAX_SAFE_INTEGER)
                 .ok_or_else(|| StepError::permanent("validation_failed", "the order's total exceeds 2^53 - 1"))?;
-            items.push(OrderItem { product_id: line.product_id.clone(), quantity: line.quantity, unit_price_cents: Some(price) });
+            items.push(OrderItem {
+                product_id: line.product_id.clone(),
+                quantity: line.quantity,
+                unit_price_cents: Some(price),
+            });
         }
         store::price(conn, &input.order_id, &items, total).await?;
         Ok(json!({ "total_cents": total }))
@@ -78,7 +100,8 @@ fn create_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFu
 fn reject_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
     Box::pin(async move {
         let input: PlaceOrderInput = input_of(ctx)?;
-        store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Rejected, ctx.failure.as_ref()).await?;
+        store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Rejected, ctx.failure.as_ref())
+            .await?;
         Ok(Value::Null)
     })
 }

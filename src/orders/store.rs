@@ -89,20 +89,21 @@ pub struct Order {
     pub updated_at: i64,
 }
 
-const COLUMNS: &str = "id, customer_id, status, items, total_cents, saga_id, cancel_saga_id, failure, created_at, updated_at";
+const COLUMNS: &str =
+    "id, customer_id, status, items, total_cents, saga_id, cancel_saga_id, failure, created_at, updated_at";
 
 fn decode(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     let bad = |e: String| sqlx::Error::Decode(e.into());
     let status: String = row.try_get("status")?;
     let items: String = row.try_get("items")?;
     let failure: Option<String> = row.try_get("failure")?;
-    let failure = failure
-        .map(|f| serde_json::from_str::<Value>(&f).map_err(|e| bad(e.to_string())))
-        .transpose()?
-        .map(|f| Failure {
-            code: f["code"].as_str().unwrap_or("unknown").to_string(),
-            detail: f["detail"].as_str().unwrap_or_default().to_string(),
-            product_id: f["product_id"].as_str().map(str::to_string),
+    let failure =
+        failure.map(|f| serde_json::from_str::<Value>(&f).map_err(|e| bad(e.to_string()))).transpose()?.map(|f| {
+            Failure {
+                code: f["code"].as_str().unwrap_or("unknown").to_string(),
+                detail: f["detail"].as_str().unwrap_or_default().to_string(),
+                product_id: f["product_id"].as_str().map(str::to_string),
+            }
         });
     Ok(Order {
         id: row.try_get("id")?,
@@ -136,7 +137,8 @@ pub async fn insert_pending(conn: &mut AnyConnection, order: &Order) -> Result<(
 
 /// Reads one order.
 pub async fn get(db: &Db, id: &str) -> Result<Option<Order>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).bind(id).fetch_optional(&db.pool).await?;
+    let row =
+        sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).bind(id).fetch_optional(&db.pool).await?;
     row.as_ref().map(decode).transpose()
 }
 
@@ -164,13 +166,15 @@ pub async fn list(
 /// Fixes a pending order's prices and total. False if it is no longer pending (rejected by a
 /// compensation that ran first: a late create_order is then a no-op).
 pub async fn price(conn: &mut AnyConnection, id: &str, items: &[OrderItem], total: i64) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("UPDATE orders SET items = $1, total_cents = $2, updated_at = $3 WHERE id = $4 AND status = 'pending'")
-        .bind(serde_json::to_string(items).unwrap_or_default())
-        .bind(total)
-        .bind(now_ms())
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+    let done = sqlx::query(
+        "UPDATE orders SET items = $1, total_cents = $2, updated_at = $3 WHERE id = $4 AND status = 'pending'",
+    )
+    .bind(serde_json::to_string(items).unwrap_or_default())
+    .bind(total)
+    .bind(now_ms())
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 

@@ -131,7 +131,11 @@ impl Engine {
         let mut latest: HashMap<&'static str, Arc<SagaDefinition>> = HashMap::new();
         for def in definitions {
             for step in &def.steps {
-                assert!(participants.contains_key(step.participant), "no database for participant {}", step.participant);
+                assert!(
+                    participants.contains_key(step.participant),
+                    "no database for participant {}",
+                    step.participant
+                );
             }
             let def = Arc::new(def);
             if latest.get(def.kind).is_none_or(|l| l.version < def.version) {
@@ -442,7 +446,8 @@ impl Driver<'_> {
                 failure.insert("code".into(), code.clone().into());
                 failure.insert("detail".into(), detail.clone().into());
                 failure.insert("step".into(), step.name.into());
-                self.write(saga, |_| {}, &[event(Some(step.name), "failed", Some(format!("{code}: {detail}")))]).await?;
+                self.write(saga, |_| {}, &[event(Some(step.name), "failed", Some(format!("{code}: {detail}")))])
+                    .await?;
                 self.compensate(def, saga, Value::Object(failure)).await
             }
             Attempt::Failed(error) => self.failed_attempt(saga, step, error, "failed").await,
@@ -488,7 +493,13 @@ impl Driver<'_> {
     }
 
     /// Records a failed attempt, flags the saga stuck past the threshold, and backs off.
-    async fn failed_attempt(&self, saga: &mut SagaRecord, step: &Step, error: StepError, name: &'static str) -> Result<(), Halt> {
+    async fn failed_attempt(
+        &self,
+        saga: &mut SagaRecord,
+        step: &Step,
+        error: StepError,
+        name: &'static str,
+    ) -> Result<(), Halt> {
         let attempts = saga.attempts + 1;
         let stuck = attempts >= i64::from(self.inner.config.stuck_after_attempts);
         let message = error.to_string();
@@ -516,7 +527,8 @@ impl Driver<'_> {
             Phase::Action => step.action,
             Phase::Compensation => step.compensation.expect("only steps with a compensation are undone"),
         };
-        let fault = self.inner.faults.as_ref().and_then(|f| f.fault(def.kind, step.name, phase, saga.attempts as u32 + 1));
+        let fault =
+            self.inner.faults.as_ref().and_then(|f| f.fault(def.kind, step.name, phase, saga.attempts as u32 + 1));
         match &fault {
             Some(Fault::Fail(error)) => return Attempt::Failed(error.clone()),
             Some(Fault::CrashBefore) => return Attempt::Halt(Halt::Crash),
@@ -561,7 +573,11 @@ impl Driver<'_> {
             // The step committed in its own database; now the log records it. If this fails the
             // step is in doubt and runs again, which rule 3 makes harmless.
             let recorded = self
-                .write(saga, |s| advance(s, step, phase, &output), &[event(Some(step.name), success_event(phase), None)])
+                .write(
+                    saga,
+                    |s| advance(s, step, phase, &output),
+                    &[event(Some(step.name), success_event(phase), None)],
+                )
                 .await;
             if let Err(halt) = recorded {
                 return Attempt::Halt(halt);
@@ -572,7 +588,12 @@ impl Driver<'_> {
 
     /// Applies `change` to a copy of the saga and records it with `events`; the saga in memory
     /// changes only once the write commits. While the log database fails, retries with backoff.
-    async fn write(&self, saga: &mut SagaRecord, change: impl FnOnce(&mut SagaRecord), events: &[NewEvent]) -> Result<(), Halt> {
+    async fn write(
+        &self,
+        saga: &mut SagaRecord,
+        change: impl FnOnce(&mut SagaRecord),
+        events: &[NewEvent],
+    ) -> Result<(), Halt> {
         let mut next = saga.clone();
         change(&mut next);
         let mut attempt = 0;

@@ -76,9 +76,8 @@ impl FaultPlan {
 impl FaultInjector for FaultPlan {
     fn fault(&self, kind: &str, step: &str, phase: Phase, _attempt: u32) -> Option<Fault> {
         let mut faults = self.faults.lock().unwrap();
-        let planned = faults
-            .iter_mut()
-            .find(|p| p.times > 0 && p.kind == kind && p.step == step && p.phase == phase)?;
+        let planned =
+            faults.iter_mut().find(|p| p.times > 0 && p.kind == kind && p.step == step && p.phase == phase)?;
         planned.times -= 1;
         Some(planned.fault.clone())
     }

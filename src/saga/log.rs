@@ -181,11 +181,13 @@ pub async fn insert(conn: &mut AnyConnection, record: &SagaRecord) -> Result<(),
     .bind(record.created_at)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ($1, 0, NULL, 'created', NULL, $2)")
-        .bind(&record.id)
-        .bind(record.created_at)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ($1, 0, NULL, 'created', NULL, $2)",
+    )
+    .bind(&record.id)
+    .bind(record.created_at)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -245,10 +247,8 @@ pub async fn record(
 
 /// Reads one saga.
 pub async fn get(db: &Db, id: &str) -> Result<Option<SagaRecord>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM sagas WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&db.pool)
-        .await?;
+    let row =
+        sqlx::query(&format!("SELECT {COLUMNS} FROM sagas WHERE id = $1")).bind(id).fetch_optional(&db.pool).await?;
     row.as_ref().map(decode).transpose()
 }
 
@@ -329,13 +329,12 @@ pub async fn claim_expired(
 
 /// Extends the lease of every unfinished saga `owner` holds: one write per instance, not per saga.
 pub async fn renew_leases(db: &Db, owner: &str, lease_until: i64) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE sagas SET lease_expires_at = $1 WHERE owner = $2 AND state IN ('running', 'compensating')",
-    )
-    .bind(lease_until)
-    .bind(owner)
-    .execute(&db.pool)
-    .await?;
+    let done =
+        sqlx::query("UPDATE sagas SET lease_expires_at = $1 WHERE owner = $2 AND state IN ('running', 'compensating')")
+            .bind(lease_until)
+            .bind(owner)
+            .execute(&db.pool)
+            .await?;
     Ok(done.rows_affected())
 }
 
