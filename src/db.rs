@@ -47,6 +47,10 @@ pub struct Db {
     pub url: String,
 }
 
+/// How long a SQLite caller may queue for the one connection: a local file does not go away, so
+/// a wait there means load, not an outage.
+const SQLITE_QUEUE_WAIT: Duration = Duration::from_secs(10);
+
 /// Pool sizing and timeouts.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -99,16 +103,19 @@ impl Db {
             Backend::Postgres => AnyPoolOptions::new().max_connections(settings.max_connections),
             // SQLite has one writer; a single connection serialises writers without SQLITE_BUSY
             // and keeps every transaction's view consistent.
-            Backend::Sqlite => AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+            Backend::Sqlite => AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(settings.acquire_timeout.max(SQLITE_QUEUE_WAIT))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                          PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            }),
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                }),
         };
         let pool = pool_options.acquire_timeout(settings.acquire_timeout).connect_with(options).await.map_err(wrap)?;
         let db = Db { pool, backend, url: url.clone() };
