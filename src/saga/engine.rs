@@ -551,8 +551,7 @@ impl Driver<'_> {
                 if in_log && run == runs {
                     // In the log database the effect and its record commit together (rule 4).
                     let mut next = saga.clone();
-                    advance(&mut next, step, phase, &output);
-                    let events = [event(Some(step.name), success_event(phase), None)];
+                    let events = advance(&mut next, def, step, phase, &output);
                     log::record(&mut tx, &mut next, &events, now_ms()).await.map_err(log_failure)?;
                     tx.commit().await.map_err(|e| Attempt::Failed(e.into()))?;
                     *saga = next;
@@ -572,13 +571,9 @@ impl Driver<'_> {
         if !in_log {
             // The step committed in its own database; now the log records it. If this fails the
             // step is in doubt and runs again, which rule 3 makes harmless.
-            let recorded = self
-                .write(
-                    saga,
-                    |s| advance(s, step, phase, &output),
-                    &[event(Some(step.name), success_event(phase), None)],
-                )
-                .await;
+            let mut next = saga.clone();
+            let events = advance(&mut next, def, step, phase, &output);
+            let recorded = self.write(saga, |s| *s = next, &events).await;
             if let Err(halt) = recorded {
                 return Attempt::Halt(halt);
             }
@@ -635,24 +630,28 @@ impl Driver<'_> {
     }
 }
 
-/// Moves the saga past a step that succeeded (forward) or was compensated (backward).
-fn advance(saga: &mut SagaRecord, step: &Step, phase: Phase, output: &Value) {
+/// Moves the saga past a step that succeeded (forward) or was compensated (backward) and
+/// returns the events that record it. Past the last step the saga completes in the same write,
+/// which saves a commit per saga.
+fn advance(saga: &mut SagaRecord, def: &SagaDefinition, step: &Step, phase: Phase, output: &Value) -> Vec<NewEvent> {
+    saga.attempts = 0;
+    saga.last_error = None;
+    saga.stuck = false;
     match phase {
         Phase::Action => {
             saga.outputs.insert(step.name.to_string(), output.clone());
             saga.current_step += 1;
+            let mut events = vec![event(Some(step.name), "succeeded", None)];
+            if saga.current_step as usize == def.steps.len() {
+                saga.state = SagaState::Completed;
+                events.push(event(None, "completed", None));
+            }
+            events
         }
-        Phase::Compensation => saga.current_step -= 1,
-    }
-    saga.attempts = 0;
-    saga.last_error = None;
-    saga.stuck = false;
-}
-
-fn success_event(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Action => "succeeded",
-        Phase::Compensation => "compensated",
+        Phase::Compensation => {
+            saga.current_step -= 1;
+            vec![event(Some(step.name), "compensated", None)]
+        }
     }
 }
 
