@@ -667,6 +667,13 @@ async fn a_full_order_flow_answers_as_the_spec_declares() {
     assert_eq!(p.get_ok("/healthz").await, json!({"status": "ok"}));
     assert_eq!(p.get_ok("/readyz").await, json!({"status": "ready"}));
     assert_eq!(p.get("/openapi.yaml").await.status, 200);
+    // A path id that is not percent-encoded UTF-8 is a malformed request on every such path.
+    for (template, method) in spec_operations(&doc).into_iter().filter(|(t, _)| t.contains('{')) {
+        let path = template.replace("{id}", "%FF");
+        let body = json!({"quantity": 1});
+        let answer = p.send(&method, &path, &[], if method == "post" { Body::Json(&body) } else { Body::Empty }).await;
+        assert_eq!((answer.status, answer.body["code"].as_str()), (400, Some("bad_request")), "{method} {path}");
+    }
 
     let seen = p.verify();
     for name in [
@@ -697,7 +704,8 @@ async fn pending_orders_and_stuck_sagas_answer_as_the_spec_declares() {
     let doc = spec();
     let dbs = fresh_databases().await;
     let mut config = config(&dbs);
-    config.order_wait_ms = 300;
+    // Long enough for a healthy step to commit under load, short enough to wait for a few 202s.
+    config.order_wait_ms = 2000;
     config.saga_deadline_ms = 600_000;
     config.stuck_after_attempts = 1;
     let faults = Arc::new(FaultPlan::new());
@@ -761,6 +769,9 @@ async fn pending_orders_and_stuck_sagas_answer_as_the_spec_declares() {
     for name in ["Order", "OrderItem", "Saga", "SagaStep", "SagaEvent", "SagaSummary", "Problem"] {
         assert!(seen.contains(name), "no answer was checked against schema {name}; checked: {seen:?}");
     }
+    let statuses = p.statuses();
+    assert!(statuses[&("/orders".to_string(), "post".to_string())].contains(&202), "{statuses:?}");
+    assert!(statuses[&("/orders/{id}/cancel".to_string(), "post".to_string())].contains(&202), "{statuses:?}");
     app.stop().await;
 }
 

@@ -187,7 +187,9 @@ impl Orders {
         };
         let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?;
         let order = self.get(id).await?;
-        if order.status != OrderStatus::Cancelled {
+        // A cancel saga still short of its pivot is answered 202 like any running saga; one that
+        // settled without cancelling found the order no longer confirmed.
+        if settled && order.status != OrderStatus::Cancelled {
             return Err(Error::OrderNotCancellable { id: id.to_string(), status: order.status.as_str().to_string() });
         }
         Ok(Cancelled { order, settled })
