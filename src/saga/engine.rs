@@ -358,7 +358,7 @@ impl Engine {
             });
             if matches!(outcome, Err(Halt::Panicked)) {
                 // Give the saga back at once rather than holding it under a live heartbeat.
-                let _ = log::release_one(&inner.log, &id, generation).await;
+                let _ = log::release_one(&inner.log, &id, generation, 0).await;
             }
             if recovered {
                 inner.recovering.fetch_sub(1, Ordering::Relaxed);
@@ -393,8 +393,11 @@ impl Driver<'_> {
         }
         let Some(def) = self.inner.definitions.get(&(saga.kind.as_str(), saga.version)).cloned() else {
             tracing::error!(saga_id = %id, kind = %saga.kind, version = saga.version,
-                "no definition of this saga's kind and version in this build; leaving it to one that has it");
-            let _ = log::release_one(&self.inner.log, id, self.generation).await;
+                "no definition of this saga's kind and version in this build; leaving it to an instance that has it");
+            // Nobody claims it again for a lease, so that instances that know the version get
+            // their turn and this one does not spin on it.
+            let until = now_ms() + self.inner.config.lease.as_millis() as i64;
+            let _ = log::release_one(&self.inner.log, id, self.generation, until).await;
             return Err(Halt::LeaseLost);
         };
         loop {

@@ -349,11 +349,13 @@ pub async fn release_leases(db: &Db, owner: &str) -> Result<u64, sqlx::Error> {
     Ok(done.rows_affected())
 }
 
-/// Gives up the lease of one saga, if `generation` still owns it.
-pub async fn release_one(db: &Db, id: &str, generation: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE sagas SET owner = NULL, lease_expires_at = 0 WHERE id = $1 AND generation = $2")
+/// Gives up the lease of one saga, if `generation` still owns it; no instance claims it again
+/// before `until` (ms; 0 for at once).
+pub async fn release_one(db: &Db, id: &str, generation: i64, until: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE sagas SET owner = NULL, lease_expires_at = $3 WHERE id = $1 AND generation = $2")
         .bind(id)
         .bind(generation)
+        .bind(until)
         .execute(&db.pool)
         .await?;
     Ok(())
