@@ -100,7 +100,9 @@ impl Db {
         let wrap = |source| DbError::Sqlx { url: redact(&url), source };
         let options = AnyConnectOptions::from_str(&url).map_err(wrap)?;
         let pool_options = match backend {
-            Backend::Postgres => AnyPoolOptions::new().max_connections(settings.max_connections),
+            Backend::Postgres => AnyPoolOptions::new()
+                .max_connections(settings.max_connections)
+                .acquire_timeout(settings.acquire_timeout),
             // SQLite has one writer; a single connection serialises writers without SQLITE_BUSY
             // and keeps every transaction's view consistent.
             Backend::Sqlite => AnyPoolOptions::new()
@@ -117,7 +119,7 @@ impl Db {
                     })
                 }),
         };
-        let pool = pool_options.acquire_timeout(settings.acquire_timeout).connect_with(options).await.map_err(wrap)?;
+        let pool = pool_options.connect_with(options).await.map_err(wrap)?;
         let db = Db { pool, backend, url: url.clone() };
         crate::migrate::run(&db).await.map_err(wrap)?;
         Ok(db)
@@ -141,13 +143,12 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // PostgreSQL: serialization failure, deadlock, connection exceptions (08*),
+            // PostgreSQL: serialization failure, deadlock, connection exceptions (08*), login
+            // refused (28*), a database not accepting connections or gone (55*, 3D000),
             // operator intervention such as shutdown (57*), insufficient resources (53*).
             // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their extended codes.
-            matches!(code.as_ref(), "40001" | "40P01")
-                || code.starts_with("08")
-                || code.starts_with("57")
-                || code.starts_with("53")
+            matches!(code.as_ref(), "40001" | "40P01" | "3D000")
+                || ["08", "28", "53", "55", "57"].iter().any(|class| code.starts_with(class))
                 || code.parse::<i64>().is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
         }
         _ => false,

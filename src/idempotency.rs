@@ -20,9 +20,24 @@ pub struct KeyRecord {
 /// The fingerprint of a parsed JSON body: SHA-256 of its canonical form (object keys sorted,
 /// no insignificant white space), so formatting and key order do not matter.
 pub fn fingerprint(body: &serde_json::Value) -> String {
-    // serde_json's map is ordered by key, so `to_string` is canonical.
-    let digest = Sha256::digest(body.to_string().as_bytes());
+    // serde_json's map is ordered by key, so `to_string` is canonical once numbers are.
+    let digest = Sha256::digest(canonical(body).to_string().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The body with every integral number written as an integer (`2.0`, `2e0` -> `2`), since the
+/// API reads them as the same value.
+fn canonical(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.as_i64().is_none() && n.as_u64().is_none() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => value.clone(),
+        },
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), canonical(v))).collect()),
+        other => other.clone(),
+    }
 }
 
 /// Records `key` for a new saga inside the write-ahead transaction. False if the key exists.
@@ -72,4 +87,20 @@ pub async fn purge(db: &Db, cutoff: i64) -> Result<u64, sqlx::Error> {
         .execute(&db.pool)
         .await?
         .rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+    use serde_json::json;
+
+    #[test]
+    fn fingerprints_ignore_key_order_and_number_spelling() {
+        let a = json!({"customer_id": "c", "items": [{"product_id": "p", "quantity": 2}]});
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"items":[{"quantity":2.0,"product_id":"p"}], "customer_id":"c"}"#).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let c = json!({"customer_id": "c", "items": [{"product_id": "p", "quantity": 3}]});
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+    }
 }

@@ -4,9 +4,12 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
+use order_saga::saga::{Fault, FaultInjector, Phase, StepError};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -145,6 +148,17 @@ async fn stock(app: &TestApp, id: &str) -> (i64, i64, i64) {
 
 async fn sagas_of_kind(app: &TestApp, kind: &str) -> Vec<Value> {
     one_page(app, &format!("/sagas?kind={kind}")).await
+}
+
+/// Waits until a saga has settled (completed or compensated) and returns it. An order is
+/// confirmed at the pivot, before its stock is committed, so stock is checked after this.
+async fn settled_saga(app: &TestApp, saga_id: &str) -> Value {
+    let path = format!("/sagas/{saga_id}");
+    eventually(Duration::from_secs(15), &format!("saga {saga_id} settles"), || async {
+        matches!(app.get_json(&path).await["state"].as_str(), Some("completed" | "compensated"))
+    })
+    .await;
+    app.get_json(&path).await
 }
 
 /// Asserts that no order and no saga exist.
@@ -350,21 +364,46 @@ async fn malformed_bodies_and_media_types_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_one_mib_are_refused() {
     let app = spawn_app().await;
-    const MIB: usize = 1024 * 1024;
-    let padded = |id: &str, len: usize| {
-        let head = format!(r#"{{"id": "{id}", "name": "Big", "price_cents": 1, "stock": 1}}"#);
-        format!("{head}{}", " ".repeat(len - head.len()))
+    // The server answers 413 before reading the body and then drops the connection, so each
+    // oversized request goes on its own connection (see `an_early_413_announces_the_close`).
+    let once = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let oversized = |path: &str, id: &str| {
+        once.post(app.url(path)).header("content-type", "application/json").body(padded(id, MIB + 1)).send()
     };
-    let response = raw(&app, Method::POST, "/products", Some("application/json"), padded("over", MIB + 1)).await;
+    let response = oversized("/products", "over").await.expect("the 413 is answered");
     assert!(header(&response, "x-request-id").is_some(), "a 413 has an x-request-id");
     problem(response, 413, "payload_too_large").await;
-    let response = raw(&app, Method::POST, "/orders", Some("application/json"), padded("o", 2 * MIB)).await;
+    let response = oversized("/orders", "o").await.expect("the 413 is answered");
+    problem(response, 413, "payload_too_large").await;
+    let response = oversized("/products/over/restock", "r").await.expect("the 413 is answered");
     problem(response, 413, "payload_too_large").await;
     problem(app.get("/products/over").await, 404, "not_found").await;
+    assert_nothing_placed(&app, "oversized bodies").await;
 
     // Exactly 1 MiB is within the limit.
     let response = raw(&app, Method::POST, "/products", Some("application/json"), padded("exact", MIB)).await;
     success(response, 201).await;
+    app.stop().await;
+}
+
+const MIB: usize = 1024 * 1024;
+
+/// A product body padded with white space to `len` bytes.
+fn padded(id: &str, len: usize) -> String {
+    let head = format!(r#"{{"id": "{id}", "name": "Big", "price_cents": 1, "stock": 1}}"#);
+    format!("{head}{}", " ".repeat(len - head.len()))
+}
+
+/// A 413 sent before the body was read is followed by the server closing the connection; the
+/// answer must say so (`Connection: close`), or a keep-alive client puts the connection back in
+/// its pool and its next request on it fails (hyper: IncompleteMessage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_announces_the_close() {
+    let app = spawn_app().await;
+    let response = raw(&app, Method::POST, "/products", Some("application/json"), padded("over", MIB + 1)).await;
+    let connection = header(&response, "connection").unwrap_or_default().to_ascii_lowercase();
+    problem(response, 413, "payload_too_large").await;
+    assert!(connection.contains("close"), "a 413 that leaves the body unread says Connection: close: {connection:?}");
     app.stop().await;
 }
 
@@ -526,13 +565,33 @@ async fn invalid_orders_create_nothing_and_leave_the_key_unused() {
         let response = post_order(&app, body, &[("Idempotency-Key", "kept-key")]).await;
         invalid(response, expected, &body.to_string()).await;
     }
+    let valid = order(json!("v"), json!([item("v-a", json!(2))]));
+    let malformed = app
+        .client
+        .post(app.url("/orders"))
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", "kept-key")
+        .body(r#"{"customer_id": "v", "items": ["#)
+        .send()
+        .await
+        .unwrap();
+    problem(malformed, 400, "malformed_json").await;
+    let wrong_type = app
+        .client
+        .post(app.url("/orders"))
+        .header("content-type", "text/plain")
+        .header("Idempotency-Key", "kept-key")
+        .body(valid.to_string())
+        .send()
+        .await
+        .unwrap();
+    problem(wrong_type, 415, "unsupported_media_type").await;
     assert_nothing_placed(&app, "refused orders").await;
     assert!(one_page(&app, "/orders?customer_id=v").await.is_empty());
     assert_stock_invariants(&app, &[("v-a", 10), ("v-b", 10)], true).await;
     assert_eq!(stock(&app, "v-a").await, (10, 0, 0));
 
     // The key was not used up: a valid body with it starts a new order.
-    let valid = order(json!("v"), json!([item("v-a", json!(2))]));
     let response = post_order(&app, &valid, &[("Idempotency-Key", "kept-key")]).await;
     assert_eq!(header(&response, "idempotent-replayed"), None, "the first valid use is not a replay");
     let placed = success(response, 201).await;
@@ -588,15 +647,13 @@ async fn respond_async_answers_202_then_the_order_confirms() {
         let retry: u64 = retry_after.expect("Retry-After on 202").parse().expect("Retry-After in seconds");
         assert!(retry >= 1);
         assert!(matches!(order["status"].as_str(), Some("pending" | "confirmed")), "{order}");
-        placed.push(id);
+        placed.push((id, order["saga_id"].as_str().unwrap().to_string()));
     }
-    for id in &placed {
-        let path = format!("/orders/{id}");
-        eventually(Duration::from_secs(10), "the async order confirms", || async {
-            app.get_json(&path).await["status"] == "confirmed"
-        })
-        .await;
-        assert_eq!(app.get_json(&path).await["total_cents"], 300);
+    for (id, saga_id) in &placed {
+        assert_eq!(settled_saga(&app, saga_id).await["state"], "completed");
+        let order = app.get_json(&format!("/orders/{id}")).await;
+        assert_eq!(order["status"], "confirmed");
+        assert_eq!(order["total_cents"], 300);
     }
     assert_eq!(stock(&app, "a-1").await, (40, 0, 10));
     app.stop().await;
@@ -627,7 +684,7 @@ async fn orders_list_filters_and_paginates_newest_first() {
     assert_eq!(ids(&only_rejected), newest_first[..1].to_vec());
     assert!(one_page(&app, "/orders?customer_id=l-cust&status=pending").await.is_empty());
     assert!(one_page(&app, "/orders?customer_id=nobody").await.is_empty());
-    assert_eq!(ids(&one_page(&app, "/orders?customer_id=l-other").await), ids(&[other.clone()]));
+    assert_eq!(ids(&one_page(&app, "/orders?customer_id=l-other").await), ids(std::slice::from_ref(&other)));
     let everyone = one_page(&app, "/orders").await;
     assert_eq!(everyone.len(), 7);
     assert_eq!(everyone[0]["id"], other["id"], "the newest order is first");
@@ -717,6 +774,42 @@ async fn a_key_reused_with_another_body_is_refused() {
     assert_eq!(sagas_of_kind(&app, "place_order").await.len(), 1);
     assert_eq!(ids(&one_page(&app, "/orders").await), ids(&[first]));
     assert_eq!(stock(&app, "k-b").await, (8, 0, 2));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_may_spell_the_same_numbers_differently() {
+    let app = spawn_app().await;
+    app.create_product("k-n", 100, 10).await;
+    let send = |body: &'static str| {
+        app.client
+            .post(app.url("/orders"))
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", "number-key")
+            .body(body)
+            .send()
+    };
+    let first = send(r#"{"customer_id":"n","items":[{"product_id":"k-n","quantity":2}]}"#).await.unwrap();
+    let first = success(first, 201).await;
+    // The API reads 2.0, 2e0 and 20e-1 as the integer 2 (a whole float is an integer), so each
+    // of these is the same request as the first, written differently: the canonical form of the
+    // parsed body is the same.
+    for body in [
+        r#"{"customer_id":"n","items":[{"product_id":"k-n","quantity":2.0}]}"#,
+        r#"{"customer_id":"n","items":[{"product_id":"k-n","quantity":2e0}]}"#,
+        r#"{"customer_id":"n","items":[{"product_id":"k-n","quantity":20e-1}]}"#,
+    ] {
+        let response = send(body).await.unwrap();
+        let status = response.status().as_u16();
+        let replayed = header(&response, "idempotent-replayed");
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 201, "{body} replays the order: {text}");
+        assert_eq!(replayed.as_deref(), Some("true"), "{body}");
+        let replay: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(replay["id"], first["id"], "{body}");
+    }
+    assert_eq!(sagas_of_kind(&app, "place_order").await.len(), 1);
+    assert_eq!(stock(&app, "k-n").await, (8, 0, 2));
     app.stop().await;
 }
 
@@ -997,6 +1090,75 @@ async fn sagas_list_filters_and_paginates() {
     app.stop().await;
 }
 
+/// Fails every attempt of place_order's commit_stock (after the pivot) while switched on.
+struct FailCommits {
+    on: AtomicBool,
+}
+
+impl FaultInjector for FailCommits {
+    fn fault(&self, kind: &str, step: &str, phase: Phase, _attempt: u32) -> Option<Fault> {
+        let hit = self.on.load(Ordering::SeqCst) && kind == "place_order" && step == "commit_stock";
+        (hit && phase == Phase::Action).then(|| Fault::Fail(StepError::Transient("injected: commit refused".into())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_saga_is_listed_as_stuck_until_it_completes() {
+    let dbs = fresh_databases().await;
+    let mut config = config(&dbs);
+    config.stuck_after_attempts = 2;
+    let faults = Arc::new(FailCommits { on: AtomicBool::new(true) });
+    let app = spawn_app_with(config, Some(faults.clone())).await;
+    app.create_product("st", 100, 5).await;
+    let response = post_order(&app, &order_body("st-c", &[("st", 2)]), &[("Prefer", "respond-async")]).await;
+    let order = success(response, 202).await;
+    let saga_id = order["saga_id"].as_str().unwrap().to_string();
+
+    eventually(Duration::from_secs(15), "the saga is flagged stuck", || async {
+        !one_page(&app, "/sagas?stuck=true").await.is_empty()
+    })
+    .await;
+    let stuck = one_page(&app, "/sagas?stuck=true").await;
+    assert_eq!(ids(&stuck), [saga_id.as_str()]);
+    assert_eq!(stuck[0]["state"], "running");
+    assert_eq!(stuck[0]["stuck"], true);
+    assert!(stuck[0]["attempts"].as_i64().is_some_and(|a| a >= 2), "{}", stuck[0]);
+    assert!(stuck[0]["last_error"].as_str().is_some_and(|e| e.contains("injected")), "{}", stuck[0]);
+    assert!(one_page(&app, "/sagas?stuck=false").await.is_empty());
+    assert_eq!(ids(&one_page(&app, "/sagas?state=running&stuck=true&kind=place_order").await), [saga_id.as_str()]);
+    assert!(one_page(&app, "/sagas?stuck=true&kind=cancel_order").await.is_empty());
+
+    // Past the pivot: the order is confirmed and its stock reserved, not yet sold.
+    let order_path = format!("/orders/{}", order["id"].as_str().unwrap());
+    assert_eq!(app.get_json(&order_path).await["status"], "confirmed");
+    assert_eq!(stock(&app, "st").await, (3, 2, 0));
+    assert_stock_invariants(&app, &[("st", 5)], false).await;
+    let saga = app.get_json(&format!("/sagas/{saga_id}")).await;
+    assert_eq!(saga["stuck"], true);
+    let commit = &saga["steps"][3];
+    assert_eq!(commit["name"], "commit_stock");
+    assert!(matches!(commit["state"].as_str(), Some("running" | "failed")), "{commit}");
+    assert!(commit["attempts"].as_i64().is_some_and(|a| a >= 2), "{commit}");
+    assert!(commit["last_error"].as_str().is_some_and(|e| e.contains("injected")), "{commit}");
+    assert_eq!(saga["steps"][2]["state"], "succeeded", "confirm: {saga}");
+    let history = assert_history(&saga);
+    assert!(history.iter().any(|(s, e)| s.as_deref() == Some("commit_stock") && e == "stuck"), "{saga}");
+
+    // The fault clears: the saga completes and is no longer stuck.
+    faults.on.store(false, Ordering::SeqCst);
+    let path = format!("/sagas/{saga_id}");
+    eventually(Duration::from_secs(15), "the stuck saga completes", || async {
+        app.get_json(&path).await["state"] == "completed"
+    })
+    .await;
+    let saga = app.get_json(&path).await;
+    assert_eq!(saga["stuck"], false, "{saga}");
+    assert!(one_page(&app, "/sagas?stuck=true").await.is_empty());
+    assert_eq!(stock(&app, "st").await, (3, 0, 2));
+    assert_stock_invariants(&app, &[("st", 5)], true).await;
+    app.stop().await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Operations
 // ----------------------------------------------------------------------------------------------
@@ -1099,22 +1261,37 @@ async fn an_unreachable_inventory_database_answers_503() {
         None => app.state.inventory.db().pool.close().await,
     }
 
-    let response = app.get("/products/d-a").await;
-    assert_eq!(header(&response, "retry-after").as_deref(), Some("1"));
-    problem(response, 503, "database_unavailable").await;
-    let response = app.post("/products", &json!({"id": "d-b", "name": "B", "price_cents": 1, "stock": 1})).await;
-    problem(response, 503, "database_unavailable").await;
-    let response = app.post("/products/d-a/restock", &json!({"quantity": 1})).await;
-    problem(response, 503, "database_unavailable").await;
-    problem(app.get("/products").await, 503, "database_unavailable").await;
-    problem(app.get("/readyz").await, 503, "database_unavailable").await;
+    // Every request that needs the inventory answers 503 (sent together: each waits at most the
+    // pool's acquire timeout).
+    let product = json!({"id": "d-b", "name": "B", "price_cents": 1, "stock": 1});
+    let restock = json!({"quantity": 1});
+    let (read, create, add, list, ready) = tokio::join!(
+        app.get("/products/d-a"),
+        app.post("/products", &product),
+        app.post("/products/d-a/restock", &restock),
+        app.get("/products"),
+        app.get("/readyz"),
+    );
+    assert_eq!(header(&read, "retry-after").as_deref(), Some("1"), "a 503 says when to retry");
+    problem(read, 503, "database_unavailable").await;
+    problem(create, 503, "database_unavailable").await;
+    problem(add, 503, "database_unavailable").await;
+    problem(list, 503, "database_unavailable").await;
+    problem(ready, 503, "database_unavailable").await;
     assert_eq!(success(app.get("/healthz").await, 200).await["status"], "ok", "the process itself is up");
 
     if let Some(proxy) = proxy.as_mut() {
-        // The log database is still up: orders are accepted and wait for the inventory.
-        let response = post_order(&app, &order_body("d-cust", &[("d-a", 2)]), &[("Prefer", "respond-async")]).await;
-        let pending = success(response, 202).await;
+        // The log database is still up: an order is written ahead and waits for the inventory.
+        let body = order_body("d-cust", &[("d-a", 2)]);
+        let headers = [("Prefer", "respond-async"), ("Idempotency-Key", "outage-key")];
+        let pending = success(post_order(&app, &body, &headers).await, 202).await;
         assert_eq!(pending["status"], "pending");
+        let path = format!("/orders/{}", pending["id"].as_str().unwrap());
+        assert_eq!(app.get_json(&path).await["status"], "pending");
+        let response = post_order(&app, &body, &headers).await;
+        assert_eq!(header(&response, "idempotent-replayed").as_deref(), Some("true"));
+        assert_eq!(success(response, 202).await["id"], pending["id"], "a replay while pending answers 202");
+        problem(cancel(&app, pending["id"].as_str().unwrap()).await, 409, "order_not_cancellable").await;
         problem(app.get("/orders/nope").await, 404, "not_found").await;
 
         // Once the database is back, the service is ready again and the order completes.
@@ -1123,12 +1300,54 @@ async fn an_unreachable_inventory_database_answers_503() {
             app.get("/readyz").await.status() == 200
         })
         .await;
-        let path = format!("/orders/{}", pending["id"].as_str().unwrap());
-        eventually(Duration::from_secs(15), "the waiting order confirms", || async {
-            app.get_json(&path).await["status"] == "confirmed"
+        assert_eq!(settled_saga(&app, pending["saga_id"].as_str().unwrap()).await["state"], "completed");
+        assert_eq!(app.get_json(&path).await["status"], "confirmed");
+        assert_eq!(stock(&app, "d-a").await, (3, 0, 2));
+        let response = post_order(&app, &body, &[("Idempotency-Key", "outage-key")]).await;
+        assert_eq!(header(&response, "idempotent-replayed").as_deref(), Some("true"));
+        assert_eq!(success(response, 201).await["status"], "confirmed");
+        assert_eq!(sagas_of_kind(&app, "place_order").await.len(), 1);
+    }
+    app.stop().await;
+}
+
+/// Runs one statement on the PostgreSQL server of `TEST_DATABASE_URL` from its own connection.
+async fn pg_admin(sql: &str) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let url = std::env::var("TEST_DATABASE_URL").expect("on PostgreSQL");
+    let mut admin = sqlx::AnyConnection::connect(&url).await.expect("an admin connection");
+    sqlx::raw_sql(sql).execute(&mut admin).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    admin.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_connections_answers_503() {
+    let app = spawn_app().await;
+    app.create_product("rf", 100, 5).await;
+    let url = app.dbs.inventory_url.clone().unwrap_or_else(|| app.dbs.url.clone());
+    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    if on_postgres() {
+        // The server is up but the database takes no connections (as during maintenance), and
+        // the open ones are gone.
+        pg_admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).await;
+        pg_admin(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")).await;
+    } else {
+        app.state.inventory.db().pool.close().await;
+    }
+    let (read, ready) = tokio::join!(app.get("/products/rf"), app.get("/readyz"));
+    if on_postgres() {
+        // Opened again before asserting, so that a failure leaves no database locked.
+        pg_admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
+    }
+    problem(read, 503, "database_unavailable").await;
+    problem(ready, 503, "database_unavailable").await;
+    if on_postgres() {
+        eventually(Duration::from_secs(15), "the database answers again", || async {
+            app.get("/products/rf").await.status() == 200
         })
         .await;
-        assert_eq!(stock(&app, "d-a").await, (3, 0, 2));
+        success(app.get("/readyz").await, 200).await;
     }
     app.stop().await;
 }

@@ -70,11 +70,15 @@ pub async fn place(State(state): State<AppState>, headers: HeaderMap, body: Byte
     let object = extract::json_object(&headers, &body)?;
     let request = parse_place(&object)?;
     let key = key.map(|k| (k, idempotency::fingerprint(&Value::Object(object))));
-    let placed = state
-        .orders
-        .place(request, key.as_ref().map(|(k, f)| (k.as_str(), f.clone())), extract::prefers_async(&headers))
-        .await?;
-    let mut response = placement_response(&placed.order);
+    let respond_async = extract::prefers_async(&headers);
+    let placed = state.orders.place(request, key.as_ref().map(|(k, f)| (k.as_str(), f.clone())), respond_async).await?;
+    let mut response = if respond_async && !placed.replayed && placed.order.status != OrderStatus::Rejected {
+        // The client asked not to wait: 202 whatever the saga has done meanwhile. A replay
+        // answers like the first request did, from the order as it now stands.
+        accepted(&placed.order, format!("/orders/{}", placed.order.id))
+    } else {
+        placement_response(&placed.order)
+    };
     if placed.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
