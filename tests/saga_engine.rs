@@ -95,13 +95,12 @@ async fn act(conn: &mut AnyConnection, ctx: &StepContext, step: &'static str) ->
         ),
         _ => None,
     };
-    let tombstones: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM toy_effects WHERE saga_id = $1 AND step = $2 AND kind = 'undone'",
-    )
-    .bind(&ctx.saga_id)
-    .bind(step)
-    .fetch_one(&mut *conn)
-    .await?;
+    let tombstones: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM toy_effects WHERE saga_id = $1 AND step = $2 AND kind = 'undone'")
+            .bind(&ctx.saga_id)
+            .bind(step)
+            .fetch_one(&mut *conn)
+            .await?;
     if tombstones == 0 {
         sqlx::query(
             "INSERT INTO toy_effects (saga_id, step, kind, detail) VALUES ($1, $2, 'done', $3) \
@@ -555,16 +554,17 @@ async fn a_stuck_saga_is_listed_and_its_flag_clears_when_it_completes() {
             engine.list(&filter).await.unwrap().into_iter().map(|s| s.id).collect::<Vec<_>>()
         }
     };
-    assert_eq!(listed(true).await, [id.clone()]);
+    assert_eq!(listed(true).await, [id.as_str()]);
     assert!(listed(false).await.is_empty());
-    let kind_filter = SagaFilter { kind: Some(KIND.into()), state: Some(SagaState::Running), limit: 10, ..Default::default() };
+    let kind_filter =
+        SagaFilter { kind: Some(KIND.into()), state: Some(SagaState::Running), limit: 10, ..Default::default() };
     assert_eq!(engine.list(&kind_filter).await.unwrap().len(), 1);
 
     outage.failing.store(false, Ordering::SeqCst);
     settle(&engine, &id).await;
     assert_settled(&engine, &id, SagaState::Completed).await;
     assert!(listed(true).await.is_empty(), "the flag cleared when the saga completed");
-    assert_eq!(listed(false).await, [id.clone()]);
+    assert_eq!(listed(false).await, [id.as_str()]);
     assert_eq!(toy.effects(&id).await, completed_effects());
 }
 

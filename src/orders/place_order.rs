@@ -110,8 +110,11 @@ fn confirm<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<
     Box::pin(async move {
         let input: PlaceOrderInput = input_of(ctx)?;
         if !store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Confirmed, None).await? {
+            // Confirmed already: this is a repeat, and the pivot has happened.
             let status = store::status(conn, &input.order_id).await?;
-            return Err(StepError::permanent("order_not_pending", format!("order is {status:?}, not pending")));
+            if status != Some(OrderStatus::Confirmed) {
+                return Err(StepError::permanent("order_not_pending", format!("order is {status:?}, not pending")));
+            }
         }
         Ok(Value::Null)
     })

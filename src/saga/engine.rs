@@ -69,6 +69,9 @@ pub enum EngineError {
 enum Halt {
     /// Another claim took the saga over.
     LeaseLost,
+    /// The log showed progress this driver had not seen (a commit whose answer was lost); the
+    /// saga in memory was replaced by the stored one and the driver carries on from there.
+    Resync,
     /// A fault injection simulated this process dying.
     Crash,
     /// The instance is shutting down.
@@ -406,8 +409,14 @@ impl Driver<'_> {
             }
             match saga.state {
                 SagaState::Completed | SagaState::Compensated => return Ok(saga.state),
-                SagaState::Running => self.forward(&def, &mut saga).await?,
-                SagaState::Compensating => self.backward(&def, &mut saga).await?,
+                SagaState::Running => match self.forward(&def, &mut saga).await {
+                    Err(Halt::Resync) | Ok(()) => {}
+                    Err(halt) => return Err(halt),
+                },
+                SagaState::Compensating => match self.backward(&def, &mut saga).await {
+                    Err(Halt::Resync) | Ok(()) => {}
+                    Err(halt) => return Err(halt),
+                },
             }
         }
     }
@@ -614,6 +623,16 @@ impl Driver<'_> {
                     attempt += 1;
                     tracing::warn!(saga_id = %saga.id, %error, attempt, "log write failed; retrying");
                     self.backoff(attempt).await?;
+                    // A commit may have succeeded although its answer was lost, here or in an
+                    // earlier write: the log, not memory, says where the saga stands.
+                    let stored = self.load(&saga.id).await?;
+                    if stored.generation != self.generation {
+                        return Err(Halt::LeaseLost);
+                    }
+                    if stored.next_seq != saga.next_seq {
+                        *saga = stored;
+                        return Err(Halt::Resync);
+                    }
                 }
             }
         }
