@@ -25,6 +25,21 @@ pub enum DbError {
     /// `DATABASE_URL` and `INVENTORY_DATABASE_URL` name different backends.
     #[error("DATABASE_URL and INVENTORY_DATABASE_URL must name the same backend (both PostgreSQL or both SQLite)")]
     MixedBackends,
+    /// Another order-saga process already uses this SQLite file.
+    #[error(
+        "another order-saga instance is already using the SQLite database {0}; SQLite runs one \
+         instance (use PostgreSQL to run several)"
+    )]
+    SqliteInUse(String),
+    /// The instance lock file could not be opened.
+    #[error("cannot open the instance lock {path}: {source}")]
+    LockFile {
+        /// The lock file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database refused a connection or a migration.
     #[error("database {url}: {source}")]
     Sqlx {
@@ -79,6 +94,45 @@ pub fn normalize_url(url: &str) -> Result<(String, Backend), DbError> {
     let sep = if path.contains('?') { '&' } else { '?' };
     let with_mode = if path.contains("mode=") { path.to_string() } else { format!("{path}{sep}mode=rwc") };
     Ok((format!("sqlite://{with_mode}"), Backend::Sqlite))
+}
+
+/// The file a SQLite URL names, if it is one (and not an in-memory database).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let (normalized, backend) = normalize_url(url).ok()?;
+    if backend != Backend::Sqlite {
+        return None;
+    }
+    let path = normalized.strip_prefix("sqlite://")?.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
+/// Holds an exclusive lock beside a SQLite file for as long as it lives, so that a second
+/// instance on the same file refuses to start instead of sharing its single writer.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    /// Takes the lock for the SQLite database at `url`; `None` for PostgreSQL.
+    pub fn acquire(url: &str) -> Result<Option<InstanceLock>, DbError> {
+        let Some(path) = sqlite_path(url) else { return Ok(None) };
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| DbError::LockFile { path: lock_path.to_string_lossy().into_owned(), source })?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(InstanceLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Err(DbError::SqliteInUse(path.display().to_string())),
+            Err(std::fs::TryLockError::Error(source)) => {
+                Err(DbError::LockFile { path: lock_path.to_string_lossy().into_owned(), source })
+            }
+        }
+    }
 }
 
 /// Strips a password from a URL so that it can be logged.

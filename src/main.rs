@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use order_saga::{app, config::Config, telemetry};
+use order_saga::{app, config::Config, db, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -13,6 +13,17 @@ async fn main() -> ExitCode {
     if let Err(message) = config.validate() {
         eprintln!("order-saga: {message}");
         return ExitCode::from(2);
+    }
+    // One process per SQLite file: hold its lock for the process's whole life.
+    let mut locks = Vec::new();
+    for url in [Some(&config.database_url), config.inventory_database_url.as_ref()].into_iter().flatten() {
+        match db::InstanceLock::acquire(url) {
+            Ok(lock) => locks.extend(lock),
+            Err(error) => {
+                eprintln!("order-saga: cannot start: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let app = match app::build(&config, None).await {
         Ok(app) => app,

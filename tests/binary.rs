@@ -119,3 +119,24 @@ async fn serves_then_exits_zero_on_sigterm() {
     let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
     assert!(stderr.lines().any(|l| l.starts_with('{') && l.contains("shutting down")), "JSON logs: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_one_sqlite_file_refuses_to_start() {
+    let file = std::env::temp_dir().join(format!("{}.db", uuid::Uuid::new_v4()));
+    let port = free_port();
+    let mut first = command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{port}")).spawn().unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"), &mut first).await;
+    let second = command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{}", free_port())).output();
+    first.kill().ok();
+    first.wait().ok();
+    let second = second.unwrap();
+    assert!(!second.status.success(), "the second instance started");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another order-saga instance is already using"), "{stderr}");
+    // Once the first is gone, the file is free again.
+    let port = free_port();
+    let mut third = command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{port}")).spawn().unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"), &mut third).await;
+    third.kill().ok();
+    third.wait().ok();
+}
