@@ -115,10 +115,10 @@ impl Orders {
         // and the launch, which would leave a saga owned by a live instance but driven by none.
         let written = tokio::spawn(async move {
             let mut tx = engine.log_db().pool.begin().await?;
-            if let Some((key, record)) = &record {
-                if !idempotency::claim(&mut tx, PLACE_SCOPE, key, record, pending.created_at).await? {
-                    return Ok::<bool, Error>(false);
-                }
+            if let Some((key, record)) = &record
+                && !idempotency::claim(&mut tx, PLACE_SCOPE, key, record, pending.created_at).await?
+            {
+                return Ok::<bool, Error>(false);
             }
             store::insert_pending(&mut tx, &pending).await?;
             let saga = engine.write_ahead(&mut tx, place_order::KIND, pending.saga_id.clone(), input).await?;

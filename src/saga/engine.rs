@@ -227,10 +227,10 @@ impl Engine {
         }
         // Driven elsewhere (another instance, or a recovery yet to come): poll the log.
         loop {
-            if let Some(saga) = log::get(&self.inner.log, id).await? {
-                if saga.state.is_final() {
-                    return Ok(true);
-                }
+            if let Some(saga) = log::get(&self.inner.log, id).await?
+                && saga.state.is_final()
+            {
+                return Ok(true);
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
