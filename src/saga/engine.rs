@@ -448,7 +448,15 @@ impl Driver<'_> {
         if !past_pivot && now_ms() > saga.deadline_at {
             let failure = json!({"code": "deadline_exceeded",
                 "detail": format!("the saga did not reach its pivot within {} ms", self.inner.config.deadline.as_millis())});
-            return self.compensate(def, saga, failure).await;
+            return self.compensate(def, saga, failure, None).await;
+        }
+        if self.inner.faults.is_none() && self.in_log(step) {
+            // Fault injection names one step at a time, so batches run only without it.
+            match self.run_batch(def, saga, index).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(halt) => return Err(halt),
+            }
         }
         match self.attempt(def, saga, step, Phase::Action).await {
             Attempt::Done => Ok(()),
@@ -458,12 +466,48 @@ impl Driver<'_> {
                 failure.insert("code".into(), code.clone().into());
                 failure.insert("detail".into(), detail.clone().into());
                 failure.insert("step".into(), step.name.into());
-                self.write(saga, |_| {}, &[event(Some(step.name), "failed", Some(format!("{code}: {detail}")))])
-                    .await?;
-                self.compensate(def, saga, Value::Object(failure)).await
+                let failed = event(Some(step.name), "failed", Some(format!("{code}: {detail}")));
+                self.compensate(def, saga, Value::Object(failure), Some(failed)).await
             }
             Attempt::Failed(error) => self.failed_attempt(saga, step, error, "failed").await,
         }
+    }
+
+    /// True when `step` runs in the log database, so that its effect and its record can share
+    /// one transaction.
+    fn in_log(&self, step: &Step) -> bool {
+        self.inner.participants[step.participant].url == self.inner.log.url
+    }
+
+    /// Runs the steps from `start` on that share the log database as ONE transaction, with all
+    /// their log records (design: neighbouring steps in one database may share a transaction;
+    /// the log still records each step). True if it committed. On any error nothing is kept and
+    /// the caller runs `start` alone, which meets the same error and handles it step by step.
+    async fn run_batch(&self, def: &SagaDefinition, saga: &mut SagaRecord, start: usize) -> Result<bool, Halt> {
+        let Ok(mut tx) = self.inner.log.pool.begin().await else { return Ok(false) };
+        let mut next = saga.clone();
+        let mut events = Vec::new();
+        for step in def.steps[start..].iter().take_while(|s| self.in_log(s)) {
+            let ctx = StepContext {
+                saga_id: next.id.clone(),
+                input: next.input.clone(),
+                outputs: next.outputs.clone(),
+                failure: None,
+            };
+            let Ok(output) = (step.action)(&mut tx, &ctx).await else { return Ok(false) };
+            events.extend(advance(&mut next, def, step, Phase::Action, &output));
+        }
+        match log::record(&mut tx, &mut next, &events, now_ms()).await {
+            Ok(()) => {}
+            Err(LogError::LeaseLost) => return Err(Halt::LeaseLost),
+            Err(LogError::Db(_)) => return Ok(false),
+        }
+        if tx.commit().await.is_err() {
+            // If the commit did happen, the step-by-step path finds out from the log.
+            return Ok(false);
+        }
+        *saga = next;
+        Ok(true)
     }
 
     /// One backward move: run the next compensation once, or finish.
@@ -487,9 +531,17 @@ impl Driver<'_> {
     /// Turns the saga backward. Every step before the pivot is compensated, last to first,
     /// whether or not it ran: a compensation of a step that never took effect leaves a tombstone
     /// that makes a late action a no-op (design rule 3), and a step in doubt is covered either way.
-    async fn compensate(&self, def: &SagaDefinition, saga: &mut SagaRecord, failure: Value) -> Result<(), Halt> {
+    async fn compensate(
+        &self,
+        def: &SagaDefinition,
+        saga: &mut SagaRecord,
+        failure: Value,
+        failed: Option<NewEvent>,
+    ) -> Result<(), Halt> {
         let undo = def.pivot_index().unwrap_or(def.steps.len()) as i64;
         let detail = failure.to_string();
+        let mut events: Vec<NewEvent> = failed.into_iter().collect();
+        events.push(event(None, "compensating", Some(detail)));
         self.write(
             saga,
             |s| {
@@ -499,7 +551,7 @@ impl Driver<'_> {
                 s.attempts = 0;
                 s.stuck = false;
             },
-            &[event(None, "compensating", Some(detail))],
+            &events,
         )
         .await
     }
@@ -672,7 +724,16 @@ fn advance(saga: &mut SagaRecord, def: &SagaDefinition, step: &Step, phase: Phas
         }
         Phase::Compensation => {
             saga.current_step -= 1;
-            vec![event(Some(step.name), "compensated", None)]
+            let mut events = vec![event(Some(step.name), "compensated", None)];
+            // Past the last compensation the saga is compensated in the same write.
+            while saga.current_step > 0 && def.steps[saga.current_step as usize - 1].compensation.is_none() {
+                saga.current_step -= 1;
+            }
+            if saga.current_step == 0 {
+                saga.state = SagaState::Compensated;
+                events.push(event(None, "compensated", None));
+            }
+            events
         }
     }
 }

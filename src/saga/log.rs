@@ -225,16 +225,21 @@ pub async fn record(
     if updated.rows_affected() != 1 {
         return Err(LogError::LeaseLost);
     }
-    for (i, e) in events.iter().enumerate() {
-        sqlx::query("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(&next.id)
-            .bind(first_seq + i as i64)
-            .bind(e.step)
-            .bind(e.event)
-            .bind(&e.detail)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+    if !events.is_empty() {
+        // One statement for all of a write's events.
+        let mut sql = String::from("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ");
+        for i in 0..events.len() {
+            let p = 3 + 4 * i;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3));
+        }
+        let mut query = sqlx::query(&sql).bind(&next.id).bind(now);
+        for (i, e) in events.iter().enumerate() {
+            query = query.bind(first_seq + i as i64).bind(e.step).bind(e.event).bind(&e.detail);
+        }
+        query.execute(&mut *conn).await?;
     }
     next.next_seq = first_seq + events.len() as i64;
     next.updated_at = now;
