@@ -177,12 +177,14 @@ fn permanent(code: &str, detail: String, product_id: &str) -> StepError {
 /// left alone. Returns each product's unit price.
 pub async fn reserve(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<Map<String, Value>, StepError> {
     let now = now_ms();
+    let postgres = is_postgres(conn);
     let mut prices = Map::new();
     for line in sorted(lines) {
-        let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
-            .bind(&line.product_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let (price, fresh, taken) = if postgres {
+            reserve_line_pg(conn, saga_id, line, now).await?
+        } else {
+            reserve_line(conn, saga_id, line, now).await?
+        };
         let Some(price) = price else {
             return Err(permanent(
                 "unknown_product",
@@ -190,38 +192,89 @@ pub async fn reserve(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) ->
                 &line.product_id,
             ));
         };
-        prices.insert(line.product_id.clone(), price.into());
-        let fresh = sqlx::query(
-            "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
-             VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING",
-        )
-        .bind(saga_id)
-        .bind(&line.product_id)
-        .bind(line.quantity)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        if fresh.rows_affected() == 0 {
-            continue;
-        }
-        let taken = sqlx::query(
-            "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
-             WHERE id = $3 AND available >= $1",
-        )
-        .bind(line.quantity)
-        .bind(now)
-        .bind(&line.product_id)
-        .execute(&mut *conn)
-        .await?;
-        if taken.rows_affected() == 0 {
+        if fresh && !taken {
             return Err(permanent(
                 "insufficient_stock",
                 format!("not enough stock of product {:?} for {} units", line.product_id, line.quantity),
                 &line.product_id,
             ));
         }
+        prices.insert(line.product_id.clone(), price.into());
     }
     Ok(prices)
+}
+
+/// Reserves one line in one round trip (PostgreSQL's data-modifying CTEs): the reservation row
+/// if the saga has none for the product, and the stock if it is there. Returns the price (None
+/// for an unknown product), whether the row is new, and whether the stock was taken.
+async fn reserve_line_pg(
+    conn: &mut AnyConnection,
+    saga_id: &str,
+    line: &Line,
+    now: i64,
+) -> Result<(Option<i64>, bool, bool), StepError> {
+    let row = sqlx::query(
+        "WITH ins AS (INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
+           SELECT $1, id, $3, 'reserved', $4 FROM products WHERE id = $2 \
+           ON CONFLICT (saga_id, product_id) DO NOTHING RETURNING quantity), \
+         upd AS (UPDATE products SET available = available - $3, reserved = reserved + $3, updated_at = $4 \
+           WHERE id = $2 AND available >= $3 AND EXISTS (SELECT 1 FROM ins) RETURNING 1) \
+         SELECT price_cents, (SELECT count(*) FROM ins) AS fresh, (SELECT count(*) FROM upd) AS taken \
+         FROM products WHERE id = $2",
+    )
+    .bind(saga_id)
+    .bind(&line.product_id)
+    .bind(line.quantity)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok((None, false, false)) };
+    let fresh: i64 = row.try_get("fresh").map_err(StepError::from)?;
+    let taken: i64 = row.try_get("taken").map_err(StepError::from)?;
+    Ok((Some(row.try_get("price_cents").map_err(StepError::from)?), fresh > 0, taken > 0))
+}
+
+/// The same as [`reserve_line_pg`] in three statements, for SQLite.
+async fn reserve_line(
+    conn: &mut AnyConnection,
+    saga_id: &str,
+    line: &Line,
+    now: i64,
+) -> Result<(Option<i64>, bool, bool), StepError> {
+    let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+        .bind(&line.product_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if price.is_none() {
+        return Ok((None, false, false));
+    }
+    let fresh = sqlx::query(
+        "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
+         VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING",
+    )
+    .bind(saga_id)
+    .bind(&line.product_id)
+    .bind(line.quantity)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if fresh.rows_affected() == 0 {
+        return Ok((price, false, false));
+    }
+    let taken = sqlx::query(
+        "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
+         WHERE id = $3 AND available >= $1",
+    )
+    .bind(line.quantity)
+    .bind(now)
+    .bind(&line.product_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok((price, true, taken.rows_affected() == 1))
+}
+
+fn is_postgres(conn: &AnyConnection) -> bool {
+    conn.backend_name() == "PostgreSQL"
 }
 
 /// Releases what `saga_id` reserved. Where no reservation exists yet it writes a `released`
@@ -253,8 +306,22 @@ pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) ->
 /// Turns `saga_id`'s reservations into sales. Lines already committed or returned are left alone.
 pub async fn commit(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
     let now = now_ms();
+    let postgres = is_postgres(conn);
     for line in sorted(lines) {
-        if let Some(q) = transition(conn, saga_id, &line.product_id, "reserved", "committed", now).await? {
+        if postgres {
+            // One round trip per line: the reservation's move and the stock's.
+            sqlx::query(
+                "WITH r AS (UPDATE reservations SET status = 'committed', updated_at = $3 \
+                   WHERE saga_id = $1 AND product_id = $2 AND status = 'reserved' RETURNING quantity) \
+                 UPDATE products SET reserved = reserved - r.quantity, sold = sold + r.quantity, updated_at = $3 \
+                 FROM r WHERE id = $2",
+            )
+            .bind(saga_id)
+            .bind(&line.product_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        } else if let Some(q) = transition(conn, saga_id, &line.product_id, "reserved", "committed", now).await? {
             move_stock(conn, &line.product_id, "reserved = reserved - $1, sold = sold + $1", q, now).await?;
         }
     }
