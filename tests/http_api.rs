@@ -1311,11 +1311,15 @@ async fn an_unreachable_inventory_database_answers_503() {
     app.stop().await;
 }
 
-/// Runs one statement on the PostgreSQL server of `TEST_DATABASE_URL` from its own connection.
+/// Runs one statement from its own connection on the PostgreSQL server that holds the inventory
+/// (`TEST_INVENTORY_DATABASE_URL` when set, else `TEST_DATABASE_URL`).
 async fn pg_admin(sql: &str) {
     use sqlx::Connection;
     sqlx::any::install_default_drivers();
-    let url = std::env::var("TEST_DATABASE_URL").expect("on PostgreSQL");
+    let url = std::env::var("TEST_INVENTORY_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| std::env::var("TEST_DATABASE_URL").expect("on PostgreSQL"));
     let mut admin = sqlx::AnyConnection::connect(&url).await.expect("an admin connection");
     sqlx::raw_sql(sql).execute(&mut admin).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     admin.close().await.ok();
