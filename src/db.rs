@@ -154,9 +154,13 @@ impl Db {
         let wrap = |source| DbError::Sqlx { url: redact(&url), source };
         let options = AnyConnectOptions::from_str(&url).map_err(wrap)?;
         let pool_options = match backend {
+            // No ping before each acquire: it costs a round trip per transaction, and a dead
+            // connection fails its first statement anyway, which every caller handles as
+            // transient (a retry, or a 503).
             Backend::Postgres => AnyPoolOptions::new()
                 .max_connections(settings.max_connections)
-                .acquire_timeout(settings.acquire_timeout),
+                .acquire_timeout(settings.acquire_timeout)
+                .test_before_acquire(false),
             // SQLite has one writer; a single connection serialises writers without SQLITE_BUSY
             // and keeps every transaction's view consistent.
             Backend::Sqlite => AnyPoolOptions::new()

@@ -103,6 +103,9 @@ struct Inner {
     /// Sagas this instance drives, each with a channel that flips to true when it settles.
     watchers: Mutex<HashMap<String, watch::Sender<bool>>>,
     recovering: AtomicUsize,
+    /// Wakes the recovery loop when a recovered saga ends, so a backlog drains without waiting
+    /// an interval per batch.
+    recovery_wake: Arc<tokio::sync::Notify>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -156,6 +159,7 @@ impl Engine {
                 faults,
                 watchers: Mutex::new(HashMap::new()),
                 recovering: AtomicUsize::new(0),
+                recovery_wake: Arc::new(tokio::sync::Notify::new()),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 background: Mutex::new(Vec::new()),
@@ -268,11 +272,23 @@ impl Engine {
                 if inner.shutdown.is_cancelled() {
                     return;
                 }
-                if let Err(error) = (Engine { inner: inner.clone() }).recover_once().await {
-                    tracing::warn!(%error, "recovery pass failed; retrying next interval");
+                let claimed = match (Engine { inner: inner.clone() }).recover_once().await {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::warn!(%error, "recovery pass failed; retrying next interval");
+                        0
+                    }
+                };
+                if claimed > 0 {
+                    // A backlog: claim more as soon as there is room, not an interval later.
+                    continue;
                 }
+                let wake = inner.recovery_wake.clone();
                 drop(inner);
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = wake.notified() => {}
+                }
             }
         });
         let weak = Arc::downgrade(&self.inner);
@@ -303,7 +319,9 @@ impl Engine {
         }
         let now = now_ms();
         let until = now + inner.config.lease.as_millis() as i64;
-        let claimed = log::claim_expired(&inner.log, &inner.config.instance_id, now, until, room as i64).await?;
+        let known: Vec<(&str, i64)> = inner.definitions.keys().copied().collect();
+        let claimed =
+            log::claim_expired(&inner.log, &inner.config.instance_id, now, until, room as i64, &known).await?;
         for (id, generation) in &claimed {
             tracing::info!(saga_id = %id, generation, "resuming saga from the log");
             self.spawn_driver(id.clone(), *generation, None, true);
@@ -365,6 +383,8 @@ impl Engine {
             }
             if recovered {
                 inner.recovering.fetch_sub(1, Ordering::Relaxed);
+                // Room for the next saga of a backlog.
+                inner.recovery_wake.notify_one();
             }
             let settled = matches!(outcome, Ok(state) if state.is_final());
             if let Some(tx) = inner.watchers.lock().unwrap().remove(&id) {

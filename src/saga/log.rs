@@ -308,27 +308,39 @@ pub async fn list(db: &Db, filter: &SagaFilter) -> Result<Vec<SagaRecord>, sqlx:
     rows.iter().map(decode).collect()
 }
 
-/// Claims up to `limit` unfinished sagas whose lease has expired: takes ownership and bumps the
-/// generation, so that any earlier owner's log writes fail. Returns (id, generation) pairs.
+/// Claims up to `limit` unfinished sagas whose lease has expired, among the (kind, version)
+/// pairs in `known` (an instance never takes a saga it cannot run): takes ownership and bumps
+/// the generation, so that any earlier owner's log writes fail. Returns (id, generation) pairs.
 pub async fn claim_expired(
     db: &Db,
     owner: &str,
     now: i64,
     lease_until: i64,
     limit: i64,
+    known: &[(&str, i64)],
 ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    if known.is_empty() {
+        return Ok(Vec::new());
+    }
     let lock = match db.backend {
         // Several instances claim at once; each skips the rows another is claiming.
         Backend::Postgres => "FOR UPDATE SKIP LOCKED",
         // One instance, one connection: the statement is already exclusive.
         Backend::Sqlite => "",
     };
+    let versions: Vec<String> =
+        (0..known.len()).map(|i| format!("(kind = ${} AND version = ${})", 5 + 2 * i, 6 + 2 * i)).collect();
     let sql = format!(
         "UPDATE sagas SET owner = $1, generation = generation + 1, lease_expires_at = $2, updated_at = $3 \
          WHERE id IN (SELECT id FROM sagas WHERE state IN ('running', 'compensating') \
-         AND lease_expires_at < $3 ORDER BY lease_expires_at LIMIT $4 {lock}) RETURNING id, generation"
+         AND lease_expires_at < $3 AND ({}) ORDER BY lease_expires_at LIMIT $4 {lock}) RETURNING id, generation",
+        versions.join(" OR ")
     );
-    let rows = sqlx::query(&sql).bind(owner).bind(lease_until).bind(now).bind(limit).fetch_all(&db.pool).await?;
+    let mut query = sqlx::query(&sql).bind(owner).bind(lease_until).bind(now).bind(limit);
+    for (kind, version) in known {
+        query = query.bind(*kind).bind(*version);
+    }
+    let rows = query.fetch_all(&db.pool).await?;
     rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("generation")?))).collect()
 }
 
