@@ -101,7 +101,9 @@ struct Inner {
     config: EngineConfig,
     faults: Option<Arc<dyn FaultInjector>>,
     /// Sagas this instance drives, each with a channel that flips to true when it settles.
-    watchers: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Only these get their leases renewed: a saga written ahead whose launch never happened
+    /// (its commit's answer was lost) must see its lease run out so that recovery takes it.
+    watchers: Mutex<HashMap<String, Watch>>,
     recovering: AtomicUsize,
     /// Wakes the recovery loop when a recovered saga ends, so a backlog drains without waiting
     /// an interval per batch.
@@ -222,7 +224,7 @@ impl Engine {
     /// Waits up to `timeout` for a saga to settle. True if it has (here or on another instance).
     pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<bool, sqlx::Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let local = self.inner.watchers.lock().unwrap().get(id).map(|tx| tx.subscribe());
+        let local = self.inner.watchers.lock().unwrap().get(id).map(|w| w.settled.subscribe());
         if let Some(mut rx) = local {
             let settled = tokio::time::timeout_at(deadline, rx.wait_for(|settled| *settled)).await;
             if matches!(settled, Ok(Ok(_))) {
@@ -301,7 +303,8 @@ impl Engine {
                     return;
                 }
                 let until = now_ms() + inner.config.lease.as_millis() as i64;
-                if let Err(error) = log::renew_leases(&inner.log, &inner.config.instance_id, until).await {
+                let driving: Vec<String> = inner.watchers.lock().unwrap().keys().cloned().collect();
+                if let Err(error) = log::renew_leases(&inner.log, &inner.config.instance_id, until, &driving).await {
                     tracing::warn!(%error, "lease heartbeat failed");
                 }
             }
@@ -360,7 +363,9 @@ impl Engine {
         let inner = self.inner.clone();
         {
             let mut watchers = inner.watchers.lock().unwrap();
-            watchers.entry(id.clone()).or_insert_with(|| watch::channel(false).0);
+            let watch =
+                watchers.entry(id.clone()).or_insert_with(|| Watch { generation, settled: watch::channel(false).0 });
+            watch.generation = generation;
         }
         if recovered {
             inner.recovering.fetch_add(1, Ordering::Relaxed);
@@ -387,8 +392,17 @@ impl Engine {
                 inner.recovery_wake.notify_one();
             }
             let settled = matches!(outcome, Ok(state) if state.is_final());
-            if let Some(tx) = inner.watchers.lock().unwrap().remove(&id) {
-                tx.send_replace(settled);
+            {
+                let mut watchers = inner.watchers.lock().unwrap();
+                // A newer claim of the same saga by this instance owns the entry now; and a
+                // simulated crash keeps it, so the lease lives on until the engine is killed,
+                // as a dead process's would until it expires.
+                let mine = watchers.get(&id).is_some_and(|w| w.generation == generation);
+                if mine && !matches!(outcome, Err(Halt::Crash)) {
+                    if let Some(watch) = watchers.remove(&id) {
+                        watch.settled.send_replace(settled);
+                    }
+                }
             }
             match outcome {
                 Ok(_) => {}
@@ -397,6 +411,12 @@ impl Engine {
             }
         });
     }
+}
+
+/// A saga this instance drives: under which generation, and the channel its waiters watch.
+struct Watch {
+    generation: i64,
+    settled: watch::Sender<bool>,
 }
 
 /// Drives one saga under one generation.

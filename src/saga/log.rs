@@ -344,15 +344,24 @@ pub async fn claim_expired(
     rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("generation")?))).collect()
 }
 
-/// Extends the lease of every unfinished saga `owner` holds: one write per instance, not per saga.
-pub async fn renew_leases(db: &Db, owner: &str, lease_until: i64) -> Result<u64, sqlx::Error> {
-    let done =
-        sqlx::query("UPDATE sagas SET lease_expires_at = $1 WHERE owner = $2 AND state IN ('running', 'compensating')")
-            .bind(lease_until)
-            .bind(owner)
-            .execute(&db.pool)
-            .await?;
-    Ok(done.rows_affected())
+/// Extends the leases `owner` holds on the sagas in `ids` (the ones it is driving): one write
+/// per instance and heartbeat (per 500 sagas), not one per saga and step.
+pub async fn renew_leases(db: &Db, owner: &str, lease_until: i64, ids: &[String]) -> Result<u64, sqlx::Error> {
+    let mut renewed = 0;
+    for chunk in ids.chunks(500) {
+        let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
+        let sql = format!(
+            "UPDATE sagas SET lease_expires_at = $1 WHERE owner = $2 AND state IN ('running', 'compensating') \
+             AND id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(lease_until).bind(owner);
+        for id in chunk {
+            query = query.bind(id);
+        }
+        renewed += query.execute(&db.pool).await?.rows_affected();
+    }
+    Ok(renewed)
 }
 
 /// Gives up `owner`'s leases so that another instance (or the next start) resumes at once.
