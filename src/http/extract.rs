@@ -156,3 +156,12 @@ pub fn prefers_async(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.split([',', ';']).any(|token| token.trim().eq_ignore_ascii_case("respond-async")))
 }
+
+/// One page of a listing: `items` was fetched with `limit + 1` rows, so that one more row than
+/// the page holds says there is a next page, whose cursor is the last shown item's.
+pub fn page<T>(mut items: Vec<T>, limit: i64, view: impl Fn(&T) -> Value, cursor: impl Fn(&T) -> String) -> Value {
+    let more = items.len() as i64 > limit;
+    items.truncate(limit.max(0) as usize);
+    let next_cursor = if more { items.last().map(&cursor) } else { None };
+    serde_json::json!({ "items": items.iter().map(view).collect::<Vec<_>>(), "next_cursor": next_cursor })
+}

@@ -151,12 +151,8 @@ pub async fn list(
     }
     let customer = params.get("customer_id").map(String::as_str);
     let cursor = params.get("cursor").map(String::as_str);
-    let mut orders = state.orders.list(customer, status, cursor, limit + 1).await?;
-    let next_cursor = (orders.len() as i64 > limit).then(|| {
-        orders.truncate(limit as usize);
-        orders.last().map(|o| o.id.clone())
-    });
-    Ok(Json(json!({ "items": orders.iter().map(view).collect::<Vec<_>>(), "next_cursor": next_cursor.flatten() })))
+    let orders = state.orders.list(customer, status, cursor, limit + 1).await?;
+    Ok(Json(extract::page(orders, limit, view, |o| o.id.clone())))
 }
 
 /// `POST /orders/{id}/cancel`: 200 once cancelled and its stock returned, 202 while that runs.

@@ -58,12 +58,8 @@ pub async fn list(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let mut products = state.inventory.list(params.get("cursor").map(String::as_str), limit + 1).await?;
-    let next_cursor = (products.len() as i64 > limit).then(|| {
-        products.truncate(limit as usize);
-        products.last().map(|p| p.id.clone())
-    });
-    Ok(Json(json!({ "items": products.iter().map(view).collect::<Vec<_>>(), "next_cursor": next_cursor.flatten() })))
+    let products = state.inventory.list(params.get("cursor").map(String::as_str), limit + 1).await?;
+    Ok(Json(extract::page(products, limit, view, |p| p.id.clone())))
 }
 
 /// `POST /products/{id}/restock` `{"quantity"}`: adds to `available`.

@@ -124,10 +124,6 @@ pub async fn list(
         before: params.get("cursor").cloned(),
         limit: limit + 1,
     };
-    let mut sagas = state.engine.list(&filter).await.map_err(Error::from)?;
-    let next_cursor = (sagas.len() as i64 > limit).then(|| {
-        sagas.truncate(limit as usize);
-        sagas.last().map(|s| s.id.clone())
-    });
-    Ok(Json(json!({ "items": sagas.iter().map(summary).collect::<Vec<_>>(), "next_cursor": next_cursor.flatten() })))
+    let sagas = state.engine.list(&filter).await.map_err(Error::from)?;
+    Ok(Json(extract::page(sagas, limit, summary, |s| s.id.clone())))
 }
