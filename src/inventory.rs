@@ -248,17 +248,7 @@ async fn reserve_line(
     if price.is_none() {
         return Ok((None, false, false));
     }
-    let fresh = sqlx::query(
-        "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
-         VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING",
-    )
-    .bind(saga_id)
-    .bind(&line.product_id)
-    .bind(line.quantity)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    if fresh.rows_affected() == 0 {
+    if !insert_reservation(conn, saga_id, line, "reserved", now).await? {
         return Ok((price, false, false));
     }
     let taken = sqlx::query(
@@ -273,6 +263,29 @@ async fn reserve_line(
     Ok((price, true, taken.rows_affected() == 1))
 }
 
+/// Writes the (saga, product) reservation row in `status` unless the saga already has one.
+/// True if it was written.
+async fn insert_reservation(
+    conn: &mut AnyConnection,
+    saga_id: &str,
+    line: &Line,
+    status: &str,
+    now: i64,
+) -> Result<bool, StepError> {
+    let done = sqlx::query(
+        "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, product_id) DO NOTHING",
+    )
+    .bind(saga_id)
+    .bind(&line.product_id)
+    .bind(line.quantity)
+    .bind(status)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 fn is_postgres(conn: &AnyConnection) -> bool {
     conn.backend_name() == "PostgreSQL"
 }
@@ -282,17 +295,7 @@ fn is_postgres(conn: &AnyConnection) -> bool {
 pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
     let now = now_ms();
     for line in sorted(lines) {
-        let tombstone = sqlx::query(
-            "INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
-             VALUES ($1, $2, $3, 'released', $4) ON CONFLICT (saga_id, product_id) DO NOTHING",
-        )
-        .bind(saga_id)
-        .bind(&line.product_id)
-        .bind(line.quantity)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        if tombstone.rows_affected() == 1 {
+        if insert_reservation(conn, saga_id, line, "released", now).await? {
             continue;
         }
         let quantity = transition(conn, saga_id, &line.product_id, "reserved", "released", now).await?;

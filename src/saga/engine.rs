@@ -552,10 +552,7 @@ impl Driver<'_> {
 
     /// One backward move: run the next compensation once, or finish.
     async fn backward(&self, def: &SagaDefinition, saga: &mut SagaRecord) -> Result<(), Halt> {
-        // Skip the steps that have nothing to undo.
-        while saga.current_step > 0 && def.steps[saga.current_step as usize - 1].compensation.is_none() {
-            saga.current_step -= 1;
-        }
+        skip_uncompensated(saga, def);
         if saga.current_step == 0 {
             return self.write(saga, |s| s.state = SagaState::Compensated, &[event(None, "compensated", None)]).await;
         }
@@ -766,15 +763,20 @@ fn advance(saga: &mut SagaRecord, def: &SagaDefinition, step: &Step, phase: Phas
             saga.current_step -= 1;
             let mut events = vec![event(Some(step.name), "compensated", None)];
             // Past the last compensation the saga is compensated in the same write.
-            while saga.current_step > 0 && def.steps[saga.current_step as usize - 1].compensation.is_none() {
-                saga.current_step -= 1;
-            }
+            skip_uncompensated(saga, def);
             if saga.current_step == 0 {
                 saga.state = SagaState::Compensated;
                 events.push(event(None, "compensated", None));
             }
             events
         }
+    }
+}
+
+/// Moves a compensating saga past the steps that have nothing to undo.
+fn skip_uncompensated(saga: &mut SagaRecord, def: &SagaDefinition) {
+    while saga.current_step > 0 && def.steps[saga.current_step as usize - 1].compensation.is_none() {
+        saga.current_step -= 1;
     }
 }
 
