@@ -213,6 +213,11 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
+/// True when a statement failed on a unique constraint (a row with that key exists).
+pub fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|e| e.is_unique_violation())
+}
+
 /// Milliseconds since the Unix epoch: the one clock every stored time uses.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

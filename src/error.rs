@@ -57,10 +57,7 @@ impl From<sqlx::Error> for Error {
 
 impl From<crate::saga::EngineError> for Error {
     fn from(error: crate::saga::EngineError) -> Self {
-        match error {
-            crate::saga::EngineError::Db(e) => e.into(),
-            other => Error::Internal(other.to_string()),
-        }
+        Error::Internal(error.to_string())
     }
 }
 

@@ -2,9 +2,10 @@
 //! request started, with a fingerprint of that request's body.
 
 use sha2::{Digest, Sha256};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use crate::db::Db;
+use crate::insert::Insert;
 
 /// The key record of a request that has been accepted.
 #[derive(Debug, Clone)]
@@ -40,27 +41,19 @@ fn canonical(value: &serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// Records `key` for a new saga inside the write-ahead transaction. False if the key exists.
-pub async fn claim(
-    conn: &mut AnyConnection,
-    scope: &str,
-    key: &str,
-    record: &KeyRecord,
-    now: i64,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+/// The row that records `key` for a new saga, committed with its write-ahead. A key that exists
+/// already makes that commit fail with a unique violation, and nothing of it is written.
+pub fn claim(scope: &str, key: &str, record: &KeyRecord, now: i64) -> Insert {
+    Insert::new(
         "INSERT INTO idempotency_keys (scope, key, fingerprint, saga_id, order_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, key) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(scope)
-    .bind(key)
-    .bind(&record.fingerprint)
-    .bind(&record.saga_id)
-    .bind(&record.order_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .text(Some(scope))
+    .text(Some(key))
+    .text(Some(record.fingerprint.as_str()))
+    .text(Some(record.saga_id.as_str()))
+    .text(Some(record.order_id.as_str()))
+    .int(Some(now))
 }
 
 /// The record of `key`, if one exists.

@@ -15,6 +15,8 @@ pub mod error;
 pub mod http;
 /// Idempotency-Key records.
 pub mod idempotency;
+/// Inserts built by the module that owns a table and committed together with another's.
+pub mod insert;
 /// The inventory participant: products, stock and reservations.
 pub mod inventory;
 /// Embedded per-backend migrations.

@@ -236,11 +236,10 @@ fn short_lease() -> EngineConfig {
 /// Writes a saga ahead (committed before anything runs) and launches it. Returns its record.
 async fn start(engine: &Engine) -> SagaRecord {
     let id = uuid::Uuid::now_v7().to_string();
-    let mut tx = engine.log_db().pool.begin().await.unwrap();
-    let record = engine.write_ahead(&mut tx, KIND, id, json!({ "n": 1 })).await.unwrap();
-    tx.commit().await.unwrap();
-    engine.launch(record.clone());
-    record
+    let ahead = engine.write_ahead(KIND, id, json!({ "n": 1 })).unwrap();
+    order_saga::insert::commit_together(engine.log_db(), &ahead.rows).await.unwrap();
+    engine.launch(ahead.record.clone(), None);
+    ahead.record
 }
 
 /// An engine used only to read the log (it registers nothing and never runs).
@@ -253,7 +252,7 @@ async fn saga(engine: &Engine, id: &str) -> (SagaRecord, Vec<Event>) {
 }
 
 async fn settle(engine: &Engine, id: &str) {
-    assert!(engine.wait_settled(id, SETTLE).await.unwrap(), "saga {id} settles within {SETTLE:?}");
+    assert!(engine.wait_settled(id, SETTLE).await.unwrap().is_some(), "saga {id} settles within {SETTLE:?}");
 }
 
 /// Starts a saga under an engine that registers only `definitions` and crashes it right before
@@ -419,7 +418,7 @@ async fn an_old_instance_leaves_newer_sagas_to_a_new_instance_running_beside_it(
     old.start_background();
     let current = toy.engine(vec![v2()], None).await;
     current.start_background();
-    assert!(current.wait_settled(&new.id, SETTLE).await.unwrap(), "the new instance finishes the saga");
+    assert!(current.wait_settled(&new.id, SETTLE).await.unwrap().is_some(), "the new instance finishes the saga");
     assert_completed(&current, &new.id, 2, &V2_STEPS).await;
     assert_eq!(toy.effects(&new.id).await, done(&V2_STEPS, 2));
     assert_eq!(toy.runs(&new.id).await, runs(&V2_STEPS, 2), "each v2 action ran once, no v1 action ran");

@@ -5,6 +5,7 @@ use sqlx::AnyConnection;
 
 use super::store::{self, OrderStatus};
 use super::{INVENTORY, input_of};
+use crate::db::now_ms;
 use crate::inventory;
 use crate::saga::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, StepError, StepFuture};
 
@@ -41,8 +42,9 @@ pub fn definition() -> SagaDefinition {
 fn cancel<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
     Box::pin(async move {
         let input: CancelOrderInput = input_of(ctx)?;
-        if !store::transition(conn, &input.order_id, OrderStatus::Confirmed, OrderStatus::Cancelled, None).await? {
-            let status = store::status(conn, &input.order_id).await?;
+        let now = now_ms();
+        if !store::transition(conn, &input.order_id, OrderStatus::Confirmed, OrderStatus::Cancelled, None, now).await? {
+            let status = store::status(conn, &input.order_id).await?.map(|(status, _)| status);
             if status != Some(OrderStatus::Cancelled) {
                 return Err(StepError::permanent("order_not_cancellable", format!("order is {status:?}")));
             }

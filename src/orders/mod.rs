@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::db::now_ms;
+use crate::db::{is_unique_violation, now_ms};
 use crate::error::{Error, FieldError, Result};
 use crate::idempotency::{self, KeyRecord};
+use crate::insert;
 use crate::inventory::{Inventory, Line, MAX_SAFE_INTEGER};
 use crate::saga::{Engine, StepContext, StepError};
 use cancel_order::CancelOrderInput;
@@ -30,7 +31,7 @@ const PLACE_SCOPE: &str = "POST /orders";
 /// Reads a saga's input. A malformed input is a bug, not a business rule, so it is retried
 /// (and flagged stuck) rather than compensated.
 fn input_of<T: DeserializeOwned>(ctx: &StepContext) -> Result<T, StepError> {
-    serde_json::from_value(ctx.input.clone()).map_err(|e| StepError::Transient(format!("malformed saga input: {e}")))
+    T::deserialize(&ctx.input).map_err(|e| StepError::Transient(format!("malformed saga input: {e}")))
 }
 
 /// A validated request to place an order.
@@ -114,17 +115,22 @@ impl Orders {
         // Its own task, so that a client hanging up cannot stop it between the write-ahead commit
         // and the launch, which would leave a saga owned by a live instance but driven by none.
         let written = tokio::spawn(async move {
-            let mut tx = engine.log_db().pool.begin().await?;
-            if let Some((key, record)) = &record
-                && !idempotency::claim(&mut tx, PLACE_SCOPE, key, record, pending.created_at).await?
-            {
-                return Ok::<bool, Error>(false);
+            let ahead = engine.write_ahead(place_order::KIND, pending.saga_id.clone(), input)?;
+            let mut rows = Vec::with_capacity(4);
+            if let Some((key, record)) = &record {
+                rows.push(idempotency::claim(PLACE_SCOPE, key, record, pending.created_at));
             }
-            store::insert_pending(&mut tx, &pending).await?;
-            let saga = engine.write_ahead(&mut tx, place_order::KIND, pending.saga_id.clone(), input).await?;
-            tx.commit().await?;
-            engine.launch(saga);
-            Ok(true)
+            rows.push(store::insert_pending(&pending));
+            rows.extend(ahead.rows);
+            match insert::commit_together(engine.log_db(), &rows).await {
+                Ok(conn) => {
+                    engine.launch(ahead.record, Some(conn));
+                    Ok::<bool, Error>(true)
+                }
+                // Order and saga ids are fresh UUIDs: only the key can be taken already.
+                Err(e) if record.is_some() && is_unique_violation(&e) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
@@ -132,10 +138,16 @@ impl Orders {
             let (key, fingerprint) = key.as_ref().expect("only a key can be taken already");
             return self.replay(key, fingerprint, respond_async).await;
         }
-        if !respond_async {
-            self.engine.wait_settled(&order.saga_id, self.wait).await?;
+        if respond_async {
+            return Ok(Placed { order, replayed: false });
         }
-        Ok(Placed { order: self.get(&order.id).await?, replayed: false })
+        let settled = self.engine.wait_settled(&order.saga_id, self.wait).await?;
+        // A confirmed order is answered from what its saga logged; any other from the table.
+        let order = match settled.as_deref().and_then(|saga| place_order::confirmed_order(&order, saga)) {
+            Some(confirmed) => confirmed,
+            None => self.get(&order.id).await?,
+        };
+        Ok(Placed { order, replayed: false })
     }
 
     async fn replay(&self, key: &str, fingerprint: &str, respond_async: bool) -> Result<Placed> {
@@ -185,7 +197,7 @@ impl Orders {
                 return Err(Error::OrderNotCancellable { id: id.to_string(), status: status.as_str().to_string() });
             }
         };
-        let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?;
+        let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?.is_some();
         let order = self.get(id).await?;
         // A cancel saga still short of its pivot is answered 202 like any running saga; one that
         // settled without cancelling found the order no longer confirmed.
@@ -208,9 +220,10 @@ impl Orders {
             if !store::attach_cancel(&mut tx, &order_id, &id).await? {
                 return Ok::<bool, Error>(false);
             }
-            let saga = engine.write_ahead(&mut tx, cancel_order::KIND, id, input).await?;
+            let ahead = engine.write_ahead(cancel_order::KIND, id, input)?;
+            insert::execute_together(&mut tx, &ahead.rows).await?;
             tx.commit().await?;
-            engine.launch(saga);
+            engine.launch(ahead.record, None);
             Ok(true)
         })
         .await

@@ -3,10 +3,11 @@
 use serde_json::{Value, json};
 use sqlx::AnyConnection;
 
-use super::store::{self, OrderItem, OrderStatus};
+use super::store::{self, Order, OrderItem, OrderStatus};
 use super::{INVENTORY, input_of};
+use crate::db::now_ms;
 use crate::inventory::{self, Line, MAX_SAFE_INTEGER};
-use crate::saga::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, StepError, StepFuture};
+use crate::saga::{LOG_PARTICIPANT, SagaDefinition, SagaRecord, SagaState, Step, StepContext, StepError, StepFuture};
 
 /// The saga's kind.
 pub const KIND: &str = "place_order";
@@ -74,24 +75,7 @@ fn create_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFu
     Box::pin(async move {
         let input: PlaceOrderInput = input_of(ctx)?;
         // Prices come from the log (rule 6), so a resumed saga totals exactly as the first run.
-        let prices = &ctx.output("reserve_stock")["prices"];
-        let mut items = Vec::with_capacity(input.items.len());
-        let mut total: i64 = 0;
-        for line in &input.items {
-            let price = prices[&line.product_id]
-                .as_i64()
-                .ok_or_else(|| StepError::Transient(format!("no price logged for {:?}", line.product_id)))?;
-            total = price
-                .checked_mul(line.quantity)
-                .and_then(|t| t.checked_add(total))
-                .filter(|t| *t <= MAX_SAFE_INTEGER)
-                .ok_or_else(|| StepError::permanent("validation_failed", "the order's total exceeds 2^53 - 1"))?;
-            items.push(OrderItem {
-                product_id: line.product_id.clone(),
-                quantity: line.quantity,
-                unit_price_cents: Some(price),
-            });
-        }
+        let (items, total) = priced(&input.items, &ctx.output("reserve_stock")["prices"])?;
         store::price(conn, &input.order_id, &items, total).await?;
         Ok(json!({ "total_cents": total }))
     })
@@ -100,8 +84,8 @@ fn create_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFu
 fn reject_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
     Box::pin(async move {
         let input: PlaceOrderInput = input_of(ctx)?;
-        store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Rejected, ctx.failure.as_ref())
-            .await?;
+        let (from, to) = (OrderStatus::Pending, OrderStatus::Rejected);
+        store::transition(conn, &input.order_id, from, to, ctx.failure.as_ref(), now_ms()).await?;
         Ok(Value::Null)
     })
 }
@@ -109,14 +93,19 @@ fn reject_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFu
 fn confirm<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
     Box::pin(async move {
         let input: PlaceOrderInput = input_of(ctx)?;
-        if !store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Confirmed, None).await? {
+        let now = now_ms();
+        let mut confirmed_at = now;
+        if !store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Confirmed, None, now).await? {
             // Confirmed already: this is a repeat, and the pivot has happened.
-            let status = store::status(conn, &input.order_id).await?;
-            if status != Some(OrderStatus::Confirmed) {
-                return Err(StepError::permanent("order_not_pending", format!("order is {status:?}, not pending")));
+            match store::status(conn, &input.order_id).await? {
+                Some((OrderStatus::Confirmed, at)) => confirmed_at = at,
+                status => {
+                    let status = status.map(|(s, _)| s);
+                    return Err(StepError::permanent("order_not_pending", format!("order is {status:?}, not pending")));
+                }
             }
         }
-        Ok(Value::Null)
+        Ok(json!({ "confirmed_at": confirmed_at }))
     })
 }
 
@@ -125,5 +114,46 @@ fn commit_stock<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFu
         let input: PlaceOrderInput = input_of(ctx)?;
         inventory::commit(conn, &ctx.saga_id, &input.items).await?;
         Ok(Value::Null)
+    })
+}
+
+/// The order's lines with the prices logged by reserve_stock, and their total.
+fn priced(lines: &[Line], prices: &Value) -> Result<(Vec<OrderItem>, i64), StepError> {
+    let mut items = Vec::with_capacity(lines.len());
+    let mut total: i64 = 0;
+    for line in lines {
+        let price = prices[&line.product_id]
+            .as_i64()
+            .ok_or_else(|| StepError::Transient(format!("no price logged for {:?}", line.product_id)))?;
+        total = price
+            .checked_mul(line.quantity)
+            .and_then(|t| t.checked_add(total))
+            .filter(|t| *t <= MAX_SAFE_INTEGER)
+            .ok_or_else(|| StepError::permanent("validation_failed", "the order's total exceeds 2^53 - 1"))?;
+        items.push(OrderItem {
+            product_id: line.product_id.clone(),
+            quantity: line.quantity,
+            unit_price_cents: Some(price),
+        });
+    }
+    Ok((items, total))
+}
+
+/// The order as a completed saga left it, from what the saga logged: the same rows its steps
+/// wrote, without reading them back. `None` unless the saga completed.
+pub fn confirmed_order(pending: &Order, saga: &SagaRecord) -> Option<Order> {
+    if saga.state != SagaState::Completed {
+        return None;
+    }
+    let lines: Vec<Line> =
+        pending.items.iter().map(|i| Line { product_id: i.product_id.clone(), quantity: i.quantity }).collect();
+    let (items, total) = priced(&lines, &saga.outputs.get("reserve_stock")?["prices"]).ok()?;
+    let confirmed_at = saga.outputs.get("confirm")?["confirmed_at"].as_i64()?;
+    Some(Order {
+        status: OrderStatus::Confirmed,
+        items,
+        total_cents: Some(total),
+        updated_at: confirmed_at,
+        ..pending.clone()
     })
 }

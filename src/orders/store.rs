@@ -5,6 +5,7 @@ use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
 use crate::db::{Db, now_ms};
+use crate::insert::Insert;
 
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,20 +120,17 @@ fn decode(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     })
 }
 
-/// Writes a new order as pending, inside the write-ahead transaction.
-pub async fn insert_pending(conn: &mut AnyConnection, order: &Order) -> Result<(), sqlx::Error> {
-    sqlx::query(
+/// The row that writes a new order as pending, committed with its saga's write-ahead.
+pub fn insert_pending(order: &Order) -> Insert {
+    Insert::new(
         "INSERT INTO orders (id, customer_id, status, items, total_cents, saga_id, cancel_saga_id, failure, \
          created_at, updated_at) VALUES ($1, $2, 'pending', $3, NULL, $4, NULL, NULL, $5, $5)",
     )
-    .bind(&order.id)
-    .bind(&order.customer_id)
-    .bind(serde_json::to_string(&order.items).unwrap_or_default())
-    .bind(&order.saga_id)
-    .bind(order.created_at)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .text(Some(order.id.as_str()))
+    .text(Some(order.customer_id.as_str()))
+    .text(Some(serde_json::to_string(&order.items).unwrap_or_default()))
+    .text(Some(order.saga_id.as_str()))
+    .int(Some(order.created_at))
 }
 
 /// Reads one order.
@@ -178,21 +176,22 @@ pub async fn price(conn: &mut AnyConnection, id: &str, items: &[OrderItem], tota
     Ok(done.rows_affected() == 1)
 }
 
-/// Moves an order from status `from` to `to`, recording `failure` if given. False if it was not
-/// in `from`.
+/// Moves an order from status `from` to `to` at time `now`, recording `failure` if given. False
+/// if it was not in `from`.
 pub async fn transition(
     conn: &mut AnyConnection,
     id: &str,
     from: OrderStatus,
     to: OrderStatus,
     failure: Option<&Value>,
+    now: i64,
 ) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE orders SET status = $1, failure = COALESCE($2, failure), updated_at = $3 WHERE id = $4 AND status = $5",
     )
     .bind(to.as_str())
     .bind(failure.map(Value::to_string))
-    .bind(now_ms())
+    .bind(now)
     .bind(id)
     .bind(from.as_str())
     .execute(&mut *conn)
@@ -200,11 +199,13 @@ pub async fn transition(
     Ok(done.rows_affected() == 1)
 }
 
-/// The status of an order read inside a step's transaction.
-pub async fn status(conn: &mut AnyConnection, id: &str) -> Result<Option<OrderStatus>, sqlx::Error> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
-    Ok(status.as_deref().and_then(OrderStatus::parse))
+/// The status of an order and when it last changed, read inside a step's transaction.
+pub async fn status(conn: &mut AnyConnection, id: &str) -> Result<Option<(OrderStatus, i64)>, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT status, updated_at FROM orders WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
+    let Some(row) = row else { return Ok(None) };
+    let status: String = row.try_get("status")?;
+    Ok(OrderStatus::parse(&status).map(|s| (s, row.try_get("updated_at").unwrap_or_default())))
 }
 
 /// Attaches a cancel saga to a confirmed order that has none. False if it has one already or is

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Connection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +18,7 @@ use super::definition::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, Step
 use super::fault::{Fault, FaultInjector, Phase};
 use super::log::{self, LogError, NewEvent, SagaRecord, SagaState};
 use crate::db::{Db, now_ms};
+use crate::insert::Insert;
 
 /// Timing and limits of the engine.
 #[derive(Debug, Clone)]
@@ -59,9 +62,6 @@ pub enum EngineError {
     /// No definition of this kind is registered.
     #[error("unknown saga kind {0:?}")]
     UnknownKind(String),
-    /// The log database failed.
-    #[error(transparent)]
-    Db(#[from] sqlx::Error),
 }
 
 /// Why the driving of a saga stopped before it settled.
@@ -85,6 +85,15 @@ enum Attempt {
     Done,
     Failed(StepError),
     Halt(Halt),
+}
+
+/// A saga ready to be written ahead: see [`Engine::write_ahead`].
+#[derive(Debug)]
+pub struct WriteAhead {
+    /// The saga as it stands once the rows commit; pass it to [`Engine::launch`].
+    pub record: SagaRecord,
+    /// The saga row and its `created` event.
+    pub rows: [Insert; 2],
 }
 
 /// Runs saga definitions against the log database and the participants' databases.
@@ -179,16 +188,10 @@ impl Engine {
         &self.inner.config.instance_id
     }
 
-    /// Writes a new saga of `kind` ahead of its first step, inside the caller's transaction on
-    /// the log database (design rule 1). Returns its record; run it with [`Engine::launch`]
-    /// once the transaction has committed.
-    pub async fn write_ahead(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        kind: &str,
-        id: String,
-        input: Value,
-    ) -> Result<SagaRecord, EngineError> {
+    /// A new saga of `kind`, owned by this instance, and the rows that write it ahead of its
+    /// first step (design rule 1). The caller commits the rows in the log database, with any of
+    /// its own, then runs the saga with [`Engine::launch`].
+    pub fn write_ahead(&self, kind: &str, id: String, input: Value) -> Result<WriteAhead, EngineError> {
         let def = self.inner.latest.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.to_string()))?;
         let now = now_ms();
         let record = SagaRecord {
@@ -211,24 +214,27 @@ impl Engine {
             created_at: now,
             updated_at: now,
         };
-        log::insert(conn, &record).await?;
-        Ok(record)
+        let rows = log::insert(&record);
+        Ok(WriteAhead { record, rows })
     }
 
     /// Drives a saga this instance wrote ahead, in its own task: a caller that goes away never
-    /// interrupts it (design rule 7).
-    pub fn launch(&self, record: SagaRecord) {
-        self.spawn_driver(record.id.clone(), record.generation, Some(record), false);
+    /// interrupts it (design rule 7). `conn`, a connection to the log database (the one the
+    /// write-ahead used, say), serves the saga's first log transaction, which saves handing it
+    /// back to the pool and taking another.
+    pub fn launch(&self, record: SagaRecord, conn: Option<PoolConnection<Any>>) {
+        self.spawn_driver(record.id.clone(), record.generation, Some(record), conn, false);
     }
 
-    /// Waits up to `timeout` for a saga to settle. True if it has (here or on another instance).
-    pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<bool, sqlx::Error> {
+    /// Waits up to `timeout` for a saga to settle. Returns it as it settled (here or on another
+    /// instance), or `None` if it is still running.
+    pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<Option<Arc<SagaRecord>>, sqlx::Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         let local = self.inner.watchers.lock().unwrap().get(id).map(|w| w.settled.subscribe());
         if let Some(mut rx) = local {
-            let settled = tokio::time::timeout_at(deadline, rx.wait_for(|settled| *settled)).await;
-            if matches!(settled, Ok(Ok(_))) {
-                return Ok(true);
+            let settled = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
+            if let Ok(Ok(saga)) = settled {
+                return Ok(saga.clone());
             }
         }
         // Driven elsewhere (another instance, or a recovery yet to come): poll the log.
@@ -236,11 +242,11 @@ impl Engine {
             if let Some(saga) = log::get(&self.inner.log, id).await?
                 && saga.state.is_final()
             {
-                return Ok(true);
+                return Ok(Some(Arc::new(saga)));
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Ok(false);
+                return Ok(None);
             }
             tokio::time::sleep_until((now + Duration::from_millis(25)).min(deadline)).await;
         }
@@ -327,7 +333,7 @@ impl Engine {
             log::claim_expired(&inner.log, &inner.config.instance_id, now, until, room as i64, &known).await?;
         for (id, generation) in &claimed {
             tracing::info!(saga_id = %id, generation, "resuming saga from the log");
-            self.spawn_driver(id.clone(), *generation, None, true);
+            self.spawn_driver(id.clone(), *generation, None, None, true);
         }
         Ok(claimed.len())
     }
@@ -359,12 +365,19 @@ impl Engine {
         }
     }
 
-    fn spawn_driver(&self, id: String, generation: i64, record: Option<SagaRecord>, recovered: bool) {
+    fn spawn_driver(
+        &self,
+        id: String,
+        generation: i64,
+        record: Option<SagaRecord>,
+        conn: Option<PoolConnection<Any>>,
+        recovered: bool,
+    ) {
         let inner = self.inner.clone();
         {
             let mut watchers = inner.watchers.lock().unwrap();
             let watch =
-                watchers.entry(id.clone()).or_insert_with(|| Watch { generation, settled: watch::channel(false).0 });
+                watchers.entry(id.clone()).or_insert_with(|| Watch { generation, settled: watch::channel(None).0 });
             watch.generation = generation;
         }
         if recovered {
@@ -374,7 +387,7 @@ impl Engine {
             let task_inner = inner.clone();
             let task_id = id.clone();
             let joined = tokio::spawn(async move {
-                let driver = Driver { inner: &task_inner, generation };
+                let driver = Driver { inner: &task_inner, generation, spare: Mutex::new(conn) };
                 driver.run(&task_id, record).await
             })
             .await;
@@ -391,7 +404,10 @@ impl Engine {
                 // Room for the next saga of a backlog.
                 inner.recovery_wake.notify_one();
             }
-            let settled = matches!(outcome, Ok(state) if state.is_final());
+            let settled = match &outcome {
+                Ok(saga) if saga.state.is_final() => Some(Arc::new(saga.clone())),
+                _ => None,
+            };
             {
                 let mut watchers = inner.watchers.lock().unwrap();
                 // A newer claim of the same saga by this instance owns the entry now; and a
@@ -416,17 +432,28 @@ impl Engine {
 /// A saga this instance drives: under which generation, and the channel its waiters watch.
 struct Watch {
     generation: i64,
-    settled: watch::Sender<bool>,
+    settled: watch::Sender<Option<Arc<SagaRecord>>>,
 }
 
 /// Drives one saga under one generation.
 struct Driver<'a> {
     inner: &'a Arc<Inner>,
     generation: i64,
+    /// A log database connection handed over at launch, used by the first log transaction.
+    spare: Mutex<Option<PoolConnection<Any>>>,
 }
 
 impl Driver<'_> {
-    async fn run(&self, id: &str, record: Option<SagaRecord>) -> Result<SagaState, Halt> {
+    /// A connection to the log database: the spare one if it is still there, else the pool's.
+    async fn log_conn(&self) -> Result<PoolConnection<Any>, sqlx::Error> {
+        let spare = self.spare.lock().unwrap().take();
+        match spare {
+            Some(conn) => Ok(conn),
+            None => self.inner.log.pool.acquire().await,
+        }
+    }
+
+    async fn run(&self, id: &str, record: Option<SagaRecord>) -> Result<SagaRecord, Halt> {
         let mut saga = match record {
             Some(record) => record,
             None => self.load(id).await?,
@@ -448,7 +475,7 @@ impl Driver<'_> {
                 return Err(Halt::Shutdown);
             }
             match saga.state {
-                SagaState::Completed | SagaState::Compensated => return Ok(saga.state),
+                SagaState::Completed | SagaState::Compensated => return Ok(saga),
                 SagaState::Running => match self.forward(&def, &mut saga).await {
                     Err(Halt::Resync) | Ok(()) => {}
                     Err(halt) => return Err(halt),
@@ -524,7 +551,8 @@ impl Driver<'_> {
     /// the log still records each step). True if it committed. On any error nothing is kept and
     /// the caller runs `start` alone, which meets the same error and handles it step by step.
     async fn run_batch(&self, def: &SagaDefinition, saga: &mut SagaRecord, start: usize) -> Result<bool, Halt> {
-        let Ok(mut tx) = self.inner.log.pool.begin().await else { return Ok(false) };
+        let Ok(mut conn) = self.log_conn().await else { return Ok(false) };
+        let Ok(mut tx) = conn.begin().await else { return Ok(false) };
         let mut next = saga.clone();
         let mut events = Vec::new();
         for step in def.steps[start..].iter().take_while(|s| self.in_log(s)) {
@@ -647,7 +675,9 @@ impl Driver<'_> {
         let mut output = Value::Null;
         for run in 1..=runs {
             let result: Result<(), Attempt> = async {
-                let mut tx = db.pool.begin().await.map_err(|e| Attempt::Failed(e.into()))?;
+                let mut conn = if in_log { self.log_conn().await } else { db.pool.acquire().await }
+                    .map_err(|e| Attempt::Failed(e.into()))?;
+                let mut tx = conn.begin().await.map_err(|e| Attempt::Failed(e.into()))?;
                 output = function(&mut tx, &ctx).await.map_err(Attempt::Failed)?;
                 if in_log && run == runs {
                     // In the log database the effect and its record commit together (rule 4).
@@ -696,7 +726,8 @@ impl Driver<'_> {
         loop {
             let mut candidate = next.clone();
             let result: Result<(), LogError> = async {
-                let mut tx = self.inner.log.pool.begin().await?;
+                let mut conn = self.log_conn().await?;
+                let mut tx = conn.begin().await?;
                 log::record(&mut tx, &mut candidate, events, now_ms()).await?;
                 tx.commit().await?;
                 Ok(())

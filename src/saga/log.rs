@@ -6,6 +6,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use crate::db::{Backend, Db};
+use crate::insert::Insert;
 
 /// Where a saga stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,34 +162,31 @@ fn decode(row: &AnyRow) -> Result<SagaRecord, sqlx::Error> {
     })
 }
 
-/// Writes a new saga ahead of its first step, owned by `record.owner`, with its `created` event.
-/// Runs inside the caller's transaction so that it commits with whatever else the caller writes.
-pub async fn insert(conn: &mut AnyConnection, record: &SagaRecord) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO sagas (id, kind, version, state, stuck, input, outputs, failure, current_step, \
-         attempts, last_error, next_seq, owner, lease_expires_at, generation, deadline_at, created_at, \
-         updated_at) VALUES ($1, $2, $3, $4, 0, $5, '{}', NULL, 0, 0, NULL, 1, $6, $7, $8, $9, $10, $10)",
-    )
-    .bind(&record.id)
-    .bind(&record.kind)
-    .bind(record.version)
-    .bind(record.state.as_str())
-    .bind(record.input.to_string())
-    .bind(&record.owner)
-    .bind(record.lease_expires_at)
-    .bind(record.generation)
-    .bind(record.deadline_at)
-    .bind(record.created_at)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ($1, 0, NULL, 'created', NULL, $2)",
-    )
-    .bind(&record.id)
-    .bind(record.created_at)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// The rows that write a new saga ahead of its first step, owned by `record.owner`: the saga
+/// and its `created` event. The caller commits them, with rows of its own, before the first step.
+pub fn insert(record: &SagaRecord) -> [Insert; 2] {
+    [
+        Insert::new(
+            "INSERT INTO sagas (id, kind, version, state, stuck, input, outputs, failure, current_step, \
+             attempts, last_error, next_seq, owner, lease_expires_at, generation, deadline_at, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, 0, $5, '{}', NULL, 0, 0, NULL, 1, $6, $7, $8, $9, $10, $10)",
+        )
+        .text(Some(record.id.as_str()))
+        .text(Some(record.kind.as_str()))
+        .int(Some(record.version))
+        .text(Some(record.state.as_str()))
+        .text(Some(record.input.to_string()))
+        .text(record.owner.as_deref())
+        .int(Some(record.lease_expires_at))
+        .int(Some(record.generation))
+        .int(Some(record.deadline_at))
+        .int(Some(record.created_at)),
+        Insert::new(
+            "INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ($1, 0, NULL, 'created', NULL, $2)",
+        )
+        .text(Some(record.id.as_str()))
+        .int(Some(record.created_at)),
+    ]
 }
 
 /// Records `next` (the saga as it now stands) and appends `events`, provided the saga's
@@ -201,45 +199,59 @@ pub async fn record(
 ) -> Result<(), LogError> {
     let first_seq = next.next_seq;
     let final_state = next.state.is_final();
-    let updated = sqlx::query(
-        "UPDATE sagas SET state = $1, stuck = $2, outputs = $3, failure = $4, current_step = $5, \
+    const UPDATE: &str = "UPDATE sagas SET state = $1, stuck = $2, outputs = $3, failure = $4, current_step = $5, \
          attempts = $6, last_error = $7, next_seq = $8, updated_at = $9, \
          owner = CASE WHEN $10 = 1 THEN NULL ELSE owner END, \
          lease_expires_at = CASE WHEN $10 = 1 THEN 0 ELSE lease_expires_at END \
-         WHERE id = $11 AND generation = $12",
-    )
-    .bind(next.state.as_str())
-    .bind(i64::from(next.stuck))
-    .bind(Value::Object(next.outputs.clone()).to_string())
-    .bind(next.failure.as_ref().map(Value::to_string))
-    .bind(next.current_step)
-    .bind(next.attempts)
-    .bind(&next.last_error)
-    .bind(first_seq + events.len() as i64)
-    .bind(now)
-    .bind(i64::from(final_state))
-    .bind(&next.id)
-    .bind(next.generation)
-    .execute(&mut *conn)
-    .await?;
-    if updated.rows_affected() != 1 {
+         WHERE id = $11 AND generation = $12";
+    // On PostgreSQL the events ride on the update: one round trip, and they are written only if
+    // the fence let the update through.
+    let together = !events.is_empty() && conn.backend_name() == "PostgreSQL";
+    let sql = if together {
+        let values: Vec<String> = (0..events.len())
+            .map(|i| {
+                let p = 13 + 4 * i;
+                format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
+            })
+            .collect();
+        format!(
+            "WITH s AS ({UPDATE} RETURNING id) INSERT INTO saga_events (saga_id, seq, step, event, detail, at) \
+             SELECT s.id, v.seq, v.step, v.event, v.detail, $9 FROM s, (VALUES {}) AS v (seq, step, event, detail)",
+            values.join(", ")
+        )
+    } else {
+        UPDATE.to_string()
+    };
+    let mut query = sqlx::query(&sql)
+        .bind(next.state.as_str())
+        .bind(i64::from(next.stuck))
+        .bind(serde_json::to_string(&next.outputs).unwrap_or_else(|_| "{}".into()))
+        .bind(next.failure.as_ref().map(Value::to_string))
+        .bind(next.current_step)
+        .bind(next.attempts)
+        .bind(&next.last_error)
+        .bind(first_seq + events.len() as i64)
+        .bind(now)
+        .bind(i64::from(final_state))
+        .bind(&next.id)
+        .bind(next.generation);
+    if together {
+        query = bind_events(query, first_seq, events);
+    }
+    if query.execute(&mut *conn).await?.rows_affected() == 0 {
         return Err(LogError::LeaseLost);
     }
-    if !events.is_empty() {
+    if !together && !events.is_empty() {
         // One statement for all of a write's events.
-        let mut sql = String::from("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ");
-        for i in 0..events.len() {
-            let p = 3 + 4 * i;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3));
-        }
-        let mut query = sqlx::query(&sql).bind(&next.id).bind(now);
-        for (i, e) in events.iter().enumerate() {
-            query = query.bind(first_seq + i as i64).bind(e.step).bind(e.event).bind(&e.detail);
-        }
-        query.execute(&mut *conn).await?;
+        let values: Vec<String> = (0..events.len())
+            .map(|i| {
+                let p = 3 + 4 * i;
+                format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3)
+            })
+            .collect();
+        let sql =
+            format!("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES {}", values.join(", "));
+        bind_events(sqlx::query(&sql).bind(&next.id).bind(now), first_seq, events).execute(&mut *conn).await?;
     }
     next.next_seq = first_seq + events.len() as i64;
     next.updated_at = now;
@@ -248,6 +260,18 @@ pub async fn record(
         next.lease_expires_at = 0;
     }
     Ok(())
+}
+
+/// Binds each event's seq, step, event and detail, in order.
+fn bind_events<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    first_seq: i64,
+    events: &'q [NewEvent],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for (i, e) in events.iter().enumerate() {
+        query = query.bind(first_seq + i as i64).bind(e.step).bind(e.event).bind(&e.detail);
+    }
+    query
 }
 
 /// Reads one saga.

@@ -11,6 +11,6 @@ pub mod fault;
 pub mod log;
 
 pub use definition::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, StepError, StepFuture, StepResult};
-pub use engine::{Engine, EngineConfig, EngineError};
+pub use engine::{Engine, EngineConfig, EngineError, WriteAhead};
 pub use fault::{Fault, FaultInjector, FaultPlan, Phase};
 pub use log::{Event, SagaFilter, SagaRecord, SagaState};
