@@ -31,7 +31,7 @@ const PLACE_SCOPE: &str = "POST /orders";
 /// Reads a saga's input. A malformed input is a bug, not a business rule, so it is retried
 /// (and flagged stuck) rather than compensated.
 fn input_of<T: DeserializeOwned>(ctx: &StepContext) -> Result<T, StepError> {
-    T::deserialize(&ctx.input).map_err(|e| StepError::Transient(format!("malformed saga input: {e}")))
+    T::deserialize(&*ctx.input).map_err(|e| StepError::Transient(format!("malformed saga input: {e}")))
 }
 
 /// A validated request to place an order.

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use sqlx::AnyConnection;
@@ -60,8 +61,8 @@ impl From<sqlx::Error> for StepError {
 pub struct StepContext {
     /// The saga's id: the key that makes every step's effect happen once.
     pub saga_id: String,
-    /// The input the saga was started with.
-    pub input: Value,
+    /// The input the saga was started with (shared, not copied, per step).
+    pub input: Arc<Value>,
     /// Outputs of the steps that succeeded so far, by step name.
     pub outputs: Map<String, Value>,
     /// Why the saga compensates (`{code, detail, ...}`), when it does.

@@ -200,7 +200,7 @@ impl Engine {
             version: def.version,
             state: SagaState::Running,
             stuck: false,
-            input,
+            input: Arc::new(input),
             outputs: Default::default(),
             failure: None,
             current_step: 0,

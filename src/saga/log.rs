@@ -1,6 +1,8 @@
 //! The saga log: the `sagas` rows the engine resumes from and the append-only `saga_events`
 //! history. Every write that records progress is fenced by the saga's generation.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -62,8 +64,8 @@ pub struct SagaRecord {
     pub state: SagaState,
     /// Flagged when one step has failed `STUCK_AFTER_ATTEMPTS` times in a row.
     pub stuck: bool,
-    /// The input it was started with.
-    pub input: Value,
+    /// The input it was started with (shared: it never changes).
+    pub input: Arc<Value>,
     /// Outputs of the steps that succeeded, by step name.
     pub outputs: Map<String, Value>,
     /// Why it compensates.
@@ -143,7 +145,7 @@ fn decode(row: &AnyRow) -> Result<SagaRecord, sqlx::Error> {
         state: SagaState::parse(&state)
             .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {state:?}").into()))?,
         stuck: row.try_get::<i64, _>("stuck")? != 0,
-        input: json("input")?.unwrap_or(Value::Null),
+        input: Arc::new(json("input")?.unwrap_or(Value::Null)),
         outputs: match json("outputs")? {
             Some(Value::Object(map)) => map,
             _ => Map::new(),
