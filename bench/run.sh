@@ -385,7 +385,7 @@ PGBENCH_DIR=$ROOT/bench/pgbench
 
 baseline_db() { # baseline_db DB: fresh, the service's schema, the same products
     create_db "$1"
-    "${PSQL[@]}" -d "$1" -f "$ROOT/migrations/postgres/0001_schema.sql" >/dev/null
+    for migration in "$ROOT"/migrations/postgres/*.sql; do "${PSQL[@]}" -d "$1" -f "$migration" >/dev/null; done
     "${PSQL[@]}" -d "$1" -v nprod="$PRODUCTS" -v stock="$STOCK" -f "$PGBENCH_DIR/setup.sql" >/dev/null
 }
 
@@ -531,8 +531,9 @@ run_stmts() {
     local b
     for b in one_tx three_tx; do
         ppq postgres "CREATE DATABASE $b" >/dev/null
-        psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PRIV_PORT" -U postgres -d "$b" \
-            -f "$ROOT/migrations/postgres/0001_schema.sql" >/dev/null
+        for migration in "$ROOT"/migrations/postgres/*.sql; do
+            psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PRIV_PORT" -U postgres -d "$b" -f "$migration" >/dev/null
+        done
         psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PRIV_PORT" -U postgres -d "$b" -v nprod="$PRODUCTS" \
             -v stock="$STOCK" -f "$PGBENCH_DIR/setup.sql" >/dev/null
         stmt_reset

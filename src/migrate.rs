@@ -6,8 +6,14 @@ use sqlx::Executor;
 use crate::db::{Backend, Db, now_ms};
 
 /// (version, SQL) per backend, in order. Add a file and a line here to migrate.
-const POSTGRES: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_schema.sql"))];
-const SQLITE: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_schema.sql"))];
+const POSTGRES: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_schema.sql")),
+    (2, include_str!("../migrations/postgres/0002_drop_sagas_owner.sql")),
+];
+const SQLITE: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_schema.sql")),
+    (2, include_str!("../migrations/sqlite/0002_drop_sagas_owner.sql")),
+];
 
 /// Applies the migrations `db` has not seen yet, each in its own transaction.
 pub async fn run(db: &Db) -> Result<(), sqlx::Error> {
