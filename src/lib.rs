@@ -11,6 +11,8 @@ pub mod config;
 pub mod db;
 /// The service's typed errors.
 pub mod error;
+/// Group commit for SQLite's single writer.
+pub mod group_commit;
 /// The HTTP API: routes, middleware, problem+json errors.
 pub mod http;
 /// Idempotency-Key records.

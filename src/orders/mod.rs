@@ -121,12 +121,8 @@ impl Orders {
                 rows.push(idempotency::claim(PLACE_SCOPE, key, record, pending.created_at));
             }
             rows.push(store::insert_pending(&pending));
-            rows.extend(ahead.rows);
-            match insert::commit_together(engine.log_db(), &rows).await {
-                Ok(conn) => {
-                    engine.launch(ahead.record, Some(conn));
-                    Ok::<bool, Error>(true)
-                }
+            match engine.start(ahead, rows).await {
+                Ok(()) => Ok::<bool, Error>(true),
                 // Order and saga ids are fresh UUIDs: only the key can be taken already.
                 Err(e) if record.is_some() && is_unique_violation(&e) => Ok(false),
                 Err(e) => Err(e.into()),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, Connection};
+use sqlx::{Any, AnyConnection, Connection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 use super::definition::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, StepError};
 use super::fault::{Fault, FaultInjector, Phase};
 use super::log::{self, LogError, NewEvent, SagaRecord, SagaState};
-use crate::db::{Db, now_ms};
+use crate::db::{Backend, Db, now_ms};
+use crate::group_commit::GroupCommit;
+use crate::insert;
 use crate::insert::Insert;
 
 /// Timing and limits of the engine.
@@ -114,12 +116,22 @@ struct Inner {
     /// (its commit's answer was lost) must see its lease run out so that recovery takes it.
     watchers: Mutex<HashMap<String, Watch>>,
     recovering: AtomicUsize,
+    /// On SQLite, the group commit that the write-aheads and the step batches share.
+    group: Option<GroupCommit>,
     /// Wakes the recovery loop when a recovered saga ends, so a backlog drains without waiting
     /// an interval per batch.
     recovery_wake: Arc<tokio::sync::Notify>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    /// True when `step` runs in the log database, so that its effect and its record can share
+    /// one transaction.
+    fn in_log(&self, step: &Step) -> bool {
+        self.participants[step.participant].url == self.log.url
+    }
 }
 
 impl Drop for Inner {
@@ -162,7 +174,7 @@ impl Engine {
         }
         Engine {
             inner: Arc::new(Inner {
-                log,
+                log: log.clone(),
                 participants,
                 definitions: by_version,
                 latest,
@@ -170,6 +182,7 @@ impl Engine {
                 faults,
                 watchers: Mutex::new(HashMap::new()),
                 recovering: AtomicUsize::new(0),
+                group: (log.backend == Backend::Sqlite).then(|| GroupCommit::start(log.pool.clone())),
                 recovery_wake: Arc::new(tokio::sync::Notify::new()),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -216,6 +229,23 @@ impl Engine {
         };
         let rows = log::insert(&record);
         Ok(WriteAhead { record, rows })
+    }
+
+    /// Commits a saga's write-ahead rows, with the caller's `rows` before them in the same
+    /// transaction, then launches it (design rule 1). On PostgreSQL that is one statement whose
+    /// connection goes on to serve the saga; on SQLite a savepoint in the next group commit.
+    pub async fn start(&self, ahead: WriteAhead, rows: Vec<Insert>) -> Result<(), sqlx::Error> {
+        let mut all = rows;
+        all.extend(ahead.rows);
+        let conn = match &self.inner.group {
+            Some(group) => {
+                group.run(move |conn| Box::pin(async move { insert::execute_together(conn, &all).await })).await??;
+                None
+            }
+            None => Some(insert::commit_together(&self.inner.log, &all).await?),
+        };
+        self.launch(ahead.record, conn);
+        Ok(())
     }
 
     /// Drives a saga this instance wrote ahead, in its own task: a caller that goes away never
@@ -505,7 +535,7 @@ impl Driver<'_> {
     }
 
     /// One forward move: run the current step once, or finish, or turn to compensation.
-    async fn forward(&self, def: &SagaDefinition, saga: &mut SagaRecord) -> Result<(), Halt> {
+    async fn forward(&self, def: &Arc<SagaDefinition>, saga: &mut SagaRecord) -> Result<(), Halt> {
         let index = saga.current_step as usize;
         let Some(step) = def.steps.get(index) else {
             // Every step is recorded; only the final state is missing.
@@ -517,7 +547,7 @@ impl Driver<'_> {
                 "detail": format!("the saga did not reach its pivot within {} ms", self.inner.config.deadline.as_millis())});
             return self.compensate(def, saga, failure, None).await;
         }
-        if self.inner.faults.is_none() && self.in_log(step) {
+        if self.inner.faults.is_none() && self.inner.in_log(step) {
             // Fault injection names one step at a time, so batches run only without it.
             match self.run_batch(def, saga, index).await {
                 Ok(true) => return Ok(()),
@@ -540,42 +570,37 @@ impl Driver<'_> {
         }
     }
 
-    /// True when `step` runs in the log database, so that its effect and its record can share
-    /// one transaction.
-    fn in_log(&self, step: &Step) -> bool {
-        self.inner.participants[step.participant].url == self.inner.log.url
-    }
-
     /// Runs the steps from `start` on that share the log database as ONE transaction, with all
     /// their log records (design: neighbouring steps in one database may share a transaction;
-    /// the log still records each step). True if it committed. On any error nothing is kept and
-    /// the caller runs `start` alone, which meets the same error and handles it step by step.
-    async fn run_batch(&self, def: &SagaDefinition, saga: &mut SagaRecord, start: usize) -> Result<bool, Halt> {
-        let Ok(mut conn) = self.log_conn().await else { return Ok(false) };
-        let Ok(mut tx) = conn.begin().await else { return Ok(false) };
-        let mut next = saga.clone();
-        let mut events = Vec::new();
-        for step in def.steps[start..].iter().take_while(|s| self.in_log(s)) {
-            let ctx = StepContext {
-                saga_id: next.id.clone(),
-                input: next.input.clone(),
-                outputs: next.outputs.clone(),
-                failure: None,
-            };
-            let Ok(output) = (step.action)(&mut tx, &ctx).await else { return Ok(false) };
-            events.extend(advance(&mut next, def, step, Phase::Action, &output));
+    /// the log still records each step). On SQLite that transaction is a savepoint in the next
+    /// group commit. True if it committed. On any error nothing is kept and the caller runs
+    /// `start` alone, which meets the same error and handles it step by step.
+    async fn run_batch(&self, def: &Arc<SagaDefinition>, saga: &mut SagaRecord, start: usize) -> Result<bool, Halt> {
+        let outcome = match &self.inner.group {
+            Some(group) => {
+                let (inner, def, next) = (self.inner.clone(), def.clone(), saga.clone());
+                let grouped =
+                    group.run(move |conn| Box::pin(async move { batch(conn, &inner, &def, next, start).await })).await;
+                grouped.unwrap_or(Err(BatchFailure::Db))
+            }
+            None => {
+                let Ok(mut conn) = self.log_conn().await else { return Ok(false) };
+                let Ok(mut tx) = conn.begin().await else { return Ok(false) };
+                match batch(&mut tx, self.inner, def, saga.clone(), start).await {
+                    // If the commit did happen, the step-by-step path finds out from the log.
+                    Ok(next) => tx.commit().await.map(|()| next).map_err(|_| BatchFailure::Db),
+                    Err(failure) => Err(failure),
+                }
+            }
+        };
+        match outcome {
+            Ok(next) => {
+                *saga = next;
+                Ok(true)
+            }
+            Err(BatchFailure::LeaseLost) => Err(Halt::LeaseLost),
+            Err(BatchFailure::Db) => Ok(false),
         }
-        match log::record(&mut tx, &mut next, &events, now_ms()).await {
-            Ok(()) => {}
-            Err(LogError::LeaseLost) => return Err(Halt::LeaseLost),
-            Err(LogError::Db(_)) => return Ok(false),
-        }
-        if tx.commit().await.is_err() {
-            // If the commit did happen, the step-by-step path finds out from the log.
-            return Ok(false);
-        }
-        *saga = next;
-        Ok(true)
     }
 
     /// One backward move: run the next compensation once, or finish.
@@ -769,6 +794,41 @@ impl Driver<'_> {
             _ = tokio::time::sleep(jittered) => Ok(()),
             _ = self.inner.shutdown.cancelled() => Err(Halt::Shutdown),
         }
+    }
+}
+
+/// Why a batch of steps kept nothing.
+enum BatchFailure {
+    /// Another claim took the saga over.
+    LeaseLost,
+    /// A step or the log write failed; the step-by-step path sorts out which and why.
+    Db,
+}
+
+/// Runs the steps of `def` from `start` on that share the log database, then records them, on
+/// `conn`, inside a transaction the caller commits. Returns the saga as it then stands.
+async fn batch(
+    conn: &mut AnyConnection,
+    inner: &Inner,
+    def: &SagaDefinition,
+    mut next: SagaRecord,
+    start: usize,
+) -> Result<SagaRecord, BatchFailure> {
+    let mut events = Vec::new();
+    for step in def.steps[start..].iter().take_while(|s| inner.in_log(s)) {
+        let ctx = StepContext {
+            saga_id: next.id.clone(),
+            input: next.input.clone(),
+            outputs: next.outputs.clone(),
+            failure: None,
+        };
+        let output = (step.action)(conn, &ctx).await.map_err(|_| BatchFailure::Db)?;
+        events.extend(advance(&mut next, def, step, Phase::Action, &output));
+    }
+    match log::record(conn, &mut next, &events, now_ms()).await {
+        Ok(()) => Ok(next),
+        Err(LogError::LeaseLost) => Err(BatchFailure::LeaseLost),
+        Err(LogError::Db(_)) => Err(BatchFailure::Db),
     }
 }
 
