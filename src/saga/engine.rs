@@ -19,8 +19,7 @@ use super::fault::{Fault, FaultInjector, Phase};
 use super::log::{self, LogError, NewEvent, SagaRecord, SagaState};
 use crate::db::{Backend, Db, now_ms};
 use crate::group_commit::GroupCommit;
-use crate::insert;
-use crate::insert::Insert;
+use crate::insert::{self, Insert};
 
 /// Timing and limits of the engine.
 #[derive(Debug, Clone)]
@@ -202,8 +201,8 @@ impl Engine {
     }
 
     /// A new saga of `kind`, owned by this instance, and the rows that write it ahead of its
-    /// first step (design rule 1). The caller commits the rows in the log database, with any of
-    /// its own, then runs the saga with [`Engine::launch`].
+    /// first step (design rule 1). [`Engine::start`] commits them and launches the saga; a
+    /// caller that must commit them in a transaction of its own runs [`Engine::launch`] after.
     pub fn write_ahead(&self, kind: &str, id: String, input: Value) -> Result<WriteAhead, EngineError> {
         let def = self.inner.latest.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.to_string()))?;
         let now = now_ms();
