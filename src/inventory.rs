@@ -215,23 +215,28 @@ async fn reserve_line_pg(
 ) -> Result<(Option<i64>, bool, bool), StepError> {
     let row = sqlx::query(
         "WITH ins AS (INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
-           SELECT $1, id, $3, 'reserved', $4 FROM products WHERE id = $2 \
-           ON CONFLICT (saga_id, product_id) DO NOTHING RETURNING quantity), \
+           VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING RETURNING 1), \
          upd AS (UPDATE products SET available = available - $3, reserved = reserved + $3, updated_at = $4 \
-           WHERE id = $2 AND available >= $3 AND EXISTS (SELECT 1 FROM ins) RETURNING 1) \
-         SELECT price_cents, (SELECT count(*) FROM ins) AS fresh, (SELECT count(*) FROM upd) AS taken \
-         FROM products WHERE id = $2",
+           WHERE id = $2 AND available >= $3 AND EXISTS (SELECT 1 FROM ins) RETURNING price_cents) \
+         SELECT (SELECT count(*) FROM ins) AS fresh, (SELECT price_cents FROM upd) AS price",
     )
     .bind(saga_id)
     .bind(&line.product_id)
     .bind(line.quantity)
     .bind(now)
-    .fetch_optional(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let Some(row) = row else { return Ok((None, false, false)) };
-    let fresh: i64 = row.try_get("fresh").map_err(StepError::from)?;
-    let taken: i64 = row.try_get("taken").map_err(StepError::from)?;
-    Ok((Some(row.try_get("price_cents").map_err(StepError::from)?), fresh > 0, taken > 0))
+    let fresh = row.try_get::<i64, _>("fresh").map_err(StepError::from)? > 0;
+    if let Some(price) = row.try_get::<Option<i64>, _>("price").map_err(StepError::from)? {
+        return Ok((Some(price), fresh, true));
+    }
+    // Nothing taken, which is rare: an unknown product (whose new row the step's error rolls
+    // back), too little stock, or a row the saga already has (a retry, or a tombstone).
+    let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+        .bind(&line.product_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok((price, fresh, false))
 }
 
 /// The same as [`reserve_line_pg`] in three statements, for SQLite.
