@@ -243,6 +243,10 @@ impl Engine {
             }
             None => Some(insert::commit_together(&self.inner.log, &all).await?),
         };
+        // The connection is worth keeping only if the saga's first step runs in the log database;
+        // held across a step elsewhere, it would sit idle while others wait for one.
+        let first_in_log = self.definition(&ahead.record.kind, ahead.record.version).and_then(|def| def.steps.first());
+        let conn = conn.filter(|_| first_in_log.is_some_and(|step| self.inner.in_log(step)));
         self.launch(ahead.record, conn);
         Ok(())
     }
