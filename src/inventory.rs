@@ -314,22 +314,25 @@ pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) ->
 /// Turns `saga_id`'s reservations into sales. Lines already committed or returned are left alone.
 pub async fn commit(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
     let now = now_ms();
-    let postgres = is_postgres(conn);
+    if is_postgres(conn) {
+        // One round trip for every line: the reservations' move and the stock's. The row locks
+        // come in the join's order, not product-id order; that is safe because in one database
+        // the saga's reserve, in the same transaction, holds them already, and across databases
+        // a deadlock with another saga is detected by PostgreSQL and retried (40P01 is transient).
+        sqlx::query(
+            "WITH r AS (UPDATE reservations SET status = 'committed', updated_at = $2 \
+               WHERE saga_id = $1 AND status = 'reserved' RETURNING product_id, quantity) \
+             UPDATE products SET reserved = reserved - r.quantity, sold = sold + r.quantity, updated_at = $2 \
+             FROM r WHERE id = r.product_id",
+        )
+        .bind(saga_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(());
+    }
     for line in sorted(lines) {
-        if postgres {
-            // One round trip per line: the reservation's move and the stock's.
-            sqlx::query(
-                "WITH r AS (UPDATE reservations SET status = 'committed', updated_at = $3 \
-                   WHERE saga_id = $1 AND product_id = $2 AND status = 'reserved' RETURNING quantity) \
-                 UPDATE products SET reserved = reserved - r.quantity, sold = sold + r.quantity, updated_at = $3 \
-                 FROM r WHERE id = $2",
-            )
-            .bind(saga_id)
-            .bind(&line.product_id)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-        } else if let Some(q) = transition(conn, saga_id, &line.product_id, "reserved", "committed", now).await? {
+        if let Some(q) = transition(conn, saga_id, &line.product_id, "reserved", "committed", now).await? {
             move_stock(conn, &line.product_id, "reserved = reserved - $1, sold = sold + $1", q, now).await?;
         }
     }
