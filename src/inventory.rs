@@ -239,33 +239,36 @@ async fn reserve_line_pg(
     Ok((price, fresh, false))
 }
 
-/// The same as [`reserve_line_pg`] in three statements, for SQLite.
+/// The same as [`reserve_line_pg`] for SQLite: two statements, and a third to read the price
+/// only when nothing was taken.
 async fn reserve_line(
     conn: &mut AnyConnection,
     saga_id: &str,
     line: &Line,
     now: i64,
 ) -> Result<(Option<i64>, bool, bool), StepError> {
+    let fresh = insert_reservation(conn, saga_id, line, "reserved", now).await?;
+    if fresh {
+        let price: Option<i64> = sqlx::query_scalar(
+            "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
+             WHERE id = $3 AND available >= $1 RETURNING price_cents",
+        )
+        .bind(line.quantity)
+        .bind(now)
+        .bind(&line.product_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if price.is_some() {
+            return Ok((price, true, true));
+        }
+    }
+    // As on PostgreSQL: an unknown product (whose new row the step's error rolls back), too
+    // little stock, or a row the saga already has.
     let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
         .bind(&line.product_id)
         .fetch_optional(&mut *conn)
         .await?;
-    if price.is_none() {
-        return Ok((None, false, false));
-    }
-    if !insert_reservation(conn, saga_id, line, "reserved", now).await? {
-        return Ok((price, false, false));
-    }
-    let taken = sqlx::query(
-        "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
-         WHERE id = $3 AND available >= $1",
-    )
-    .bind(line.quantity)
-    .bind(now)
-    .bind(&line.product_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok((price, true, taken.rows_affected() == 1))
+    Ok((price, fresh, false))
 }
 
 /// Writes the (saga, product) reservation row in `status` unless the saga already has one.
@@ -312,7 +315,7 @@ pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) ->
 }
 
 /// Turns `saga_id`'s reservations into sales. Lines already committed or returned are left alone.
-pub async fn commit(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
+pub async fn commit(conn: &mut AnyConnection, saga_id: &str) -> Result<(), StepError> {
     let now = now_ms();
     if is_postgres(conn) {
         // One round trip for every line: the reservations' move and the stock's. The row locks
@@ -331,10 +334,17 @@ pub async fn commit(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> 
         .await?;
         return Ok(());
     }
-    for line in sorted(lines) {
-        if let Some(q) = transition(conn, saga_id, &line.product_id, "reserved", "committed", now).await? {
-            move_stock(conn, &line.product_id, "reserved = reserved - $1, sold = sold + $1", q, now).await?;
-        }
+    let committed: Vec<(String, i64)> = sqlx::query_as(
+        "UPDATE reservations SET status = 'committed', updated_at = $1 WHERE saga_id = $2 AND status = 'reserved' \
+         RETURNING product_id, quantity",
+    )
+    .bind(now)
+    .bind(saga_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    // SQLite has one writer, so the order of these row updates cannot deadlock.
+    for (product_id, quantity) in committed {
+        move_stock(conn, &product_id, "reserved = reserved - $1, sold = sold + $1", quantity, now).await?;
     }
     Ok(())
 }

@@ -549,7 +549,7 @@ async fn a_release_before_the_reserve_leaves_a_tombstone_that_makes_the_reserve_
 
     // Neither a late commit nor a return finds anything to move.
     let mut tx = pool.begin().await.unwrap();
-    inventory::commit(&mut tx, &saga_id, &lines).await.unwrap();
+    inventory::commit(&mut tx, &saga_id).await.unwrap();
     inventory::return_stock(&mut tx, &saga_id).await.unwrap();
     inventory::release(&mut tx, &saga_id, &lines).await.unwrap();
     tx.commit().await.unwrap();

@@ -111,8 +111,7 @@ fn confirm<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<
 
 fn commit_stock<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
     Box::pin(async move {
-        let input: PlaceOrderInput = input_of(ctx)?;
-        inventory::commit(conn, &ctx.saga_id, &input.items).await?;
+        inventory::commit(conn, &ctx.saga_id).await?;
         Ok(Value::Null)
     })
 }
