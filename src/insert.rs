@@ -1,6 +1,7 @@
 //! Inserts that the module owning a table builds and another commits together with its own:
 //! the write-ahead of a saga is the idempotency record, the order and the saga rows at once.
-//! On PostgreSQL they go to the server as ONE statement, so they cost one round trip.
+//! They go to the database in one round trip: on PostgreSQL as ONE statement, on SQLite as one
+//! query of several statements.
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, Connection};
@@ -59,28 +60,34 @@ pub async fn commit_together(db: &Db, inserts: &[Insert]) -> Result<PoolConnecti
     Ok(conn)
 }
 
-/// Runs `inserts` on `conn`, inside whatever transaction it is in: on PostgreSQL as one statement
-/// (every insert but the last as a data-modifying CTE), elsewhere one after the other.
+/// Runs `inserts` on `conn`, inside whatever transaction it is in, in one round trip: on
+/// PostgreSQL as one statement (every insert but the last as a data-modifying CTE); on SQLite as
+/// one query of several statements, which its worker thread runs in one hand-off.
 pub async fn execute_together(conn: &mut AnyConnection, inserts: &[Insert]) -> Result<(), sqlx::Error> {
-    if conn.backend_name() != "PostgreSQL" || inserts.len() < 2 {
-        for insert in inserts {
+    match inserts {
+        [] => {}
+        [insert] => {
             bind(sqlx::query(insert.sql), &insert.args).execute(&mut *conn).await?;
         }
-        return Ok(());
+        _ => {
+            let (sql, args) = combine(inserts, conn.backend_name() == "PostgreSQL");
+            bind(sqlx::query(&sql), &args).execute(&mut *conn).await?;
+        }
     }
-    let (sql, args) = combine(inserts);
-    bind(sqlx::query(&sql), &args).execute(&mut *conn).await?;
     Ok(())
 }
 
-/// `WITH w0 AS (first), w1 AS (second) last`, with each insert's parameters renumbered after
-/// the ones before it.
-fn combine(inserts: &[Insert]) -> (String, Vec<Arg>) {
+/// The inserts as one query, each one's parameters renumbered after the ones before it: with
+/// `ctes`, `WITH w0 AS (first), w1 AS (second) last`; without, `first; second; last`.
+fn combine(inserts: &[Insert], ctes: bool) -> (String, Vec<Arg>) {
     let mut args: Vec<Arg> = Vec::new();
     let mut shifted = Vec::with_capacity(inserts.len());
     for insert in inserts {
         shifted.push(shift_parameters(insert.sql, args.len()));
         args.extend(insert.args.iter().cloned());
+    }
+    if !ctes {
+        return (shifted.join("; "), args);
     }
     let main = shifted.pop().unwrap_or_default();
     let ctes: Vec<String> = shifted.iter().enumerate().map(|(i, sql)| format!("w{i} AS ({sql})")).collect();
@@ -133,11 +140,17 @@ mod tests {
             Insert::new("INSERT INTO b (z) VALUES ($1)").int(None),
             Insert::new("INSERT INTO c (u, v) VALUES ($2, $1)").text(None::<String>).text(Some("v")),
         ];
-        let (sql, args) = combine(&inserts);
+        let (sql, args) = combine(&inserts, true);
         assert_eq!(
             sql,
             "WITH w0 AS (INSERT INTO a (x, y) VALUES ($1, $2)), w1 AS (INSERT INTO b (z) VALUES ($3)) \
              INSERT INTO c (u, v) VALUES ($5, $4)"
+        );
+        assert_eq!(args.len(), 5);
+        let (sql, args) = combine(&inserts, false);
+        assert_eq!(
+            sql,
+            "INSERT INTO a (x, y) VALUES ($1, $2); INSERT INTO b (z) VALUES ($3); INSERT INTO c (u, v) VALUES ($5, $4)"
         );
         assert_eq!(args.len(), 5);
         assert_eq!(shift_parameters("VALUES ($1, $10, 'a$')", 3), "VALUES ($4, $13, 'a$')");
