@@ -319,9 +319,9 @@ pub async fn commit(conn: &mut AnyConnection, saga_id: &str) -> Result<(), StepE
     let now = now_ms();
     if is_postgres(conn) {
         // One round trip for every line: the reservations' move and the stock's. The row locks
-        // come in the join's order, not product-id order; that is safe because in one database
-        // the saga's reserve, in the same transaction, holds them already, and across databases
-        // a deadlock with another saga is detected by PostgreSQL and retried (40P01 is transient).
+        // come in the join's order, not product-id order. When the steps run as one batch (one
+        // database) the saga's reserve, in the same transaction, holds them already; otherwise a
+        // deadlock with another saga is detected by PostgreSQL and retried (40P01 is transient).
         sqlx::query(
             "WITH r AS (UPDATE reservations SET status = 'committed', updated_at = $2 \
                WHERE saga_id = $1 AND status = 'reserved' RETURNING product_id, quantity) \
