@@ -26,6 +26,8 @@ Usage: bench/run.sh [options]
   --warmup N         warm-up seconds before each measured run (default 5; --quick: 2)
   --connections N    requests / pgbench clients in flight (default 64)
   --hot N            products of the contention variant (default 10)
+  --rounds N         run the uniform order-saga and 3-tx pair N times, alternating, and print
+                     each round's ratio and their median (default 1)
   --no-stmts         skip the statements-per-order pass (a private PostgreSQL instance)
   --service-env K=V  run the service with this setting (repeatable), e.g. DB_MAX_CONNECTIONS=32;
                      without it the service runs with its defaults
@@ -36,7 +38,7 @@ Environment: PGHOST / PGPORT / PGUSER (default 127.0.0.1 / 5432 / postgres) name
 EOF
 }
 
-QUICK=0 SOAK=0 SOAK_MINUTES=5 SECONDS_MEASURED="" WARMUP="" CONNS=64 HOT=10 STMTS=1 KEEP=0
+QUICK=0 SOAK=0 SOAK_MINUTES=5 SECONDS_MEASURED="" WARMUP="" CONNS=64 HOT=10 STMTS=1 KEEP=0 ROUNDS=1
 SERVICE_ENV=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -47,6 +49,7 @@ while [[ $# -gt 0 ]]; do
         --warmup) WARMUP=$2; shift ;;
         --connections) CONNS=$2; shift ;;
         --hot) HOT=$2; shift ;;
+        --rounds) [[ $2 =~ ^[1-9][0-9]*$ ]] || { echo "--rounds wants a positive integer" >&2; exit 2; }; ROUNDS=$2; shift ;;
         --no-stmts) STMTS=0 ;;
         --service-env) [[ $2 == *=* ]] || { echo "--service-env wants KEY=VALUE" >&2; exit 2; }; SERVICE_ENV+=("$2"); shift ;;
         --keep) KEEP=1 ;;
@@ -658,6 +661,10 @@ run_baseline one_uniform "Baseline 1-tx on PostgreSQL, uniform (no saga log, one
 run_baseline three_uniform "Baseline 3-tx on PostgreSQL, uniform (no saga log, three transactions per order)" three_tx.sql "$PRODUCTS"
 run_baseline one_hot "Baseline 1-tx on PostgreSQL, contention: $HOT hot products" one_tx.sql "$HOT"
 run_baseline three_hot "Baseline 3-tx on PostgreSQL, contention: $HOT hot products" three_tx.sql "$HOT"
+for ((round = 2; round <= ROUNDS; round++)); do
+    run_service "saga_uniform_r$round" "order-saga on PostgreSQL, uniform, round $round of $ROUNDS" pg 0
+    run_baseline "three_uniform_r$round" "Baseline 3-tx on PostgreSQL, uniform, round $round of $ROUNDS" three_tx.sql "$PRODUCTS"
+done
 run_service saga_sqlite "order-saga on SQLite (default configuration), uniform: $PRODUCTS products" sqlite 0
 [[ $STMTS == 1 ]] && run_stmts
 
@@ -708,6 +715,22 @@ for w in uniform hot; do
     done
 done
 say "    sqlite   vs pg order-saga: orders/s $(ratio "${R[saga_sqlite.orders_per_s]}" "${R[saga_uniform.orders_per_s]}")"
+if ((ROUNDS > 1)); then
+    # Each round's pair ran back to back, so each ratio is as fair as the first; the median of
+    # them says more on a noisy machine than any one.
+    say ""
+    say "  uniform vs 3-tx, round by round (order-saga orders/s / 3-tx orders/s):"
+    ratios=()
+    for ((round = 1; round <= ROUNDS; round++)); do
+        suffix=$([[ $round == 1 ]] || echo "_r$round")
+        a=${R[saga_uniform$suffix.orders_per_s]:-} b=${R[three_uniform$suffix.orders_per_s]:-}
+        r=$(ratio "$a" "$b")
+        [[ $r == n/a ]] || ratios+=("${r%x}")
+        say "    round $round: $a / $b = $r   p99 $(ratio "${R[saga_uniform$suffix.p99_ms]:-}" "${R[three_uniform$suffix.p99_ms]:-}")"
+    done
+    say "    median: $(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR % 2) printf "%.2fx", v[(NR + 1) / 2]; else printf "%.2fx", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
+fi
 
 section "Result"
 if [[ $FAILS == 0 ]]; then
