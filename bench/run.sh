@@ -716,8 +716,8 @@ for w in uniform hot; do
 done
 say "    sqlite   vs pg order-saga: orders/s $(ratio "${R[saga_sqlite.orders_per_s]}" "${R[saga_uniform.orders_per_s]}")"
 if ((ROUNDS > 1)); then
-    # Each round's pair ran back to back, so each ratio is as fair as the first; the median of
-    # them says more on a noisy machine than any one.
+    # Both runs of a round share the machine's state of the moment as well as the first pair
+    # does; the median of the rounds says more on a noisy machine than any one.
     say ""
     say "  uniform vs 3-tx, round by round (order-saga orders/s / 3-tx orders/s):"
     ratios=()
@@ -728,8 +728,8 @@ if ((ROUNDS > 1)); then
         [[ $r == n/a ]] || ratios+=("${r%x}")
         say "    round $round: $a / $b = $r   p99 $(ratio "${R[saga_uniform$suffix.p99_ms]:-}" "${R[three_uniform$suffix.p99_ms]:-}")"
     done
-    say "    median: $(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ v[NR] = $1 } END {
-        if (NR % 2) printf "%.2fx", v[(NR + 1) / 2]; else printf "%.2fx", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
+    say "    median: $(printf '%s\n' "${ratios[@]}" | sort -g | awk 'NF { v[++n] = $1 } END {
+        if (n == 0) printf "n/a"; else if (n % 2) printf "%.2fx", v[(n + 1) / 2]; else printf "%.2fx", (v[n / 2] + v[n / 2 + 1]) / 2 }')"
 fi
 
 section "Result"
