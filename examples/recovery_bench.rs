@@ -99,7 +99,7 @@ impl RandomCrash {
 
 impl FaultInjector for RandomCrash {
     fn fault(&self, kind: &str, step: &str, phase: Phase, _attempt: u32) -> Option<Fault> {
-        if kind != place_order::KIND || phase != Phase::Action {
+        if kind != place_order::KIND.name || phase != Phase::Action {
             return None;
         }
         let index = self.steps.iter().position(|s| *s == step)?;

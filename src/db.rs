@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyConnection, AnyPool, Executor};
 
 /// The two supported backends. Every query in the service is written to run on both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,17 @@ pub enum Backend {
     Postgres,
     /// The embedded default: one instance, one writer.
     Sqlite,
+}
+
+impl Backend {
+    /// The backend a connection speaks: the one place that asks the driver. A step, which is
+    /// handed only a connection, tells its dialect from this.
+    pub fn of(conn: &AnyConnection) -> Backend {
+        match conn.backend_name() {
+            "PostgreSQL" => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
 }
 
 /// Errors of opening or preparing a database.

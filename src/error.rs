@@ -1,6 +1,65 @@
 //! The service's typed errors, shared by the domain modules; `http::problem` maps them to HTTP.
 
 use crate::db;
+use crate::orders::OrderStatus;
+use crate::saga::StepError;
+
+/// Why a step of the order sagas said no, and so why an order was rejected: the stable codes
+/// the API answers with (`http::problem` gives each its status).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    /// Not enough stock of a product for the quantity asked.
+    InsufficientStock,
+    /// A product that does not exist.
+    UnknownProduct,
+    /// The order's total would pass 2^53 - 1.
+    ValidationFailed,
+    /// The saga did not reach its pivot within `SAGA_DEADLINE_MS`.
+    DeadlineExceeded,
+    /// confirm found the order no longer pending.
+    OrderNotPending,
+    /// cancel found the order no longer confirmed.
+    OrderNotCancellable,
+    /// A code this build does not know (from a test's injected failure, or a newer release).
+    Other(String),
+}
+
+impl FailureCode {
+    const KNOWN: [FailureCode; 6] = [
+        FailureCode::InsufficientStock,
+        FailureCode::UnknownProduct,
+        FailureCode::ValidationFailed,
+        FailureCode::DeadlineExceeded,
+        FailureCode::OrderNotPending,
+        FailureCode::OrderNotCancellable,
+    ];
+
+    /// The stored and answered code.
+    pub fn as_str(&self) -> &str {
+        match self {
+            FailureCode::InsufficientStock => "insufficient_stock",
+            FailureCode::UnknownProduct => "unknown_product",
+            FailureCode::ValidationFailed => "validation_failed",
+            FailureCode::DeadlineExceeded => crate::saga::DEADLINE_EXCEEDED,
+            FailureCode::OrderNotPending => "order_not_pending",
+            FailureCode::OrderNotCancellable => "order_not_cancellable",
+            FailureCode::Other(code) => code,
+        }
+    }
+
+    /// Reads a stored code; one this build does not know is kept as [`FailureCode::Other`].
+    pub fn parse(code: &str) -> Self {
+        Self::KNOWN.into_iter().find(|c| c.as_str() == code).unwrap_or_else(|| FailureCode::Other(code.to_string()))
+    }
+
+    /// The permanent step failure with this code.
+    pub fn error(self, detail: impl Into<String>) -> StepError {
+        match self {
+            FailureCode::Other(code) => StepError::permanent(code, detail),
+            known => StepError::permanent(known.as_str().to_string(), detail),
+        }
+    }
+}
 
 /// One invalid field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -39,25 +98,28 @@ pub enum Error {
         /// The order.
         id: String,
         /// Its status.
-        status: String,
+        status: OrderStatus,
     },
     /// A database did not answer (connection refused or lost, pool exhausted, timeout).
-    #[error("a database is unavailable: {0}")]
-    Unavailable(sqlx::Error),
-    /// A bug or a broken invariant; logged, answered with 500.
+    #[error("a database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// A query failed for another reason than the database being away: a bug.
+    #[error("a database query failed")]
+    Database(#[source] sqlx::Error),
+    /// The saga engine refused a request: a bug.
+    #[error("the saga engine refused")]
+    Engine(#[from] crate::saga::EngineError),
+    /// A task the request waited on panicked: a bug.
+    #[error("a task failed")]
+    Task(#[from] tokio::task::JoinError),
+    /// A broken invariant; logged, answered with 500.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        if db::is_transient(&error) { Error::Unavailable(error) } else { Error::Internal(error.to_string()) }
-    }
-}
-
-impl From<crate::saga::EngineError> for Error {
-    fn from(error: crate::saga::EngineError) -> Self {
-        Error::Internal(error.to_string())
+        if db::is_transient(&error) { Error::Unavailable(error) } else { Error::Database(error) }
     }
 }
 

@@ -44,16 +44,13 @@ fn canonical(value: &serde_json::Value) -> serde_json::Value {
 /// The row that records `key` for a new saga, committed with its write-ahead. A key that exists
 /// already makes that commit fail with a unique violation, and nothing of it is written.
 pub fn claim(scope: &str, key: &str, record: &KeyRecord, now: i64) -> Insert {
-    Insert::new(
-        "INSERT INTO idempotency_keys (scope, key, fingerprint, saga_id, order_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .text(Some(scope))
-    .text(Some(key))
-    .text(Some(record.fingerprint.as_str()))
-    .text(Some(record.saga_id.as_str()))
-    .text(Some(record.order_id.as_str()))
-    .int(Some(now))
+    Insert::into("idempotency_keys")
+        .value("scope", scope)
+        .value("key", key)
+        .value("fingerprint", record.fingerprint.as_str())
+        .value("saga_id", record.saga_id.as_str())
+        .value("order_id", record.order_id.as_str())
+        .value("created_at", now)
 }
 
 /// The record of `key`, if one exists.

@@ -1,11 +1,13 @@
 //! The inventory participant: products and their stock, and the reservation rows through which
 //! the order sagas take, release, commit and return stock exactly once per saga.
 
-use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
 use crate::db::{Db, now_ms};
-use crate::error::{Error, FieldError, Result};
+use crate::error::{Error, FailureCode, FieldError, Result};
 use crate::saga::StepError;
 
 /// The largest integer a JavaScript client reads exactly (2^53 - 1).
@@ -166,109 +168,93 @@ impl Inventory {
     }
 }
 
-fn permanent(code: &str, detail: String, product_id: &str) -> StepError {
-    let mut extra = Map::new();
-    extra.insert("product_id".into(), Value::String(product_id.to_string()));
-    StepError::Permanent { code: code.to_string(), detail, extra }
+/// Where a (saga, product) reservation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStatus {
+    /// The stock is held in `reserved`.
+    Reserved,
+    /// The stock is sold (`sold`).
+    Committed,
+    /// The stock went back to `available`; written before any reservation, a tombstone.
+    Released,
+    /// A cancelled order's stock went back to `available`.
+    Returned,
+}
+
+impl ReservationStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Reserved => "reserved",
+            ReservationStatus::Committed => "committed",
+            ReservationStatus::Released => "released",
+            ReservationStatus::Returned => "returned",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        use ReservationStatus::*;
+        [Reserved, Committed, Released, Returned].into_iter().find(|status| status.as_str() == s)
+    }
+
+    /// The product column that holds the reservation's stock while it is in this status.
+    fn held_in(self) -> Option<&'static str> {
+        match self {
+            ReservationStatus::Reserved => Some("reserved"),
+            ReservationStatus::Committed => Some("sold"),
+            ReservationStatus::Released | ReservationStatus::Returned => None,
+        }
+    }
+}
+
+fn permanent(code: FailureCode, detail: String, product_id: &str) -> StepError {
+    let mut error = code.error(detail);
+    if let StepError::Permanent { extra, .. } = &mut error {
+        extra.insert("product_id".into(), Value::String(product_id.to_string()));
+    }
+    error
 }
 
 /// Reserves every line for `saga_id`, in product-id order so that concurrent sagas lock rows in
 /// one order and cannot deadlock. A line already reserved (a retry) or released (a tombstone) is
 /// left alone. Returns each product's unit price.
-pub async fn reserve(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<Map<String, Value>, StepError> {
+pub async fn reserve(
+    conn: &mut AnyConnection,
+    saga_id: &str,
+    lines: &[Line],
+) -> Result<BTreeMap<String, i64>, StepError> {
     let now = now_ms();
-    let postgres = is_postgres(conn);
-    let mut prices = Map::new();
+    let mut prices = BTreeMap::new();
     for line in sorted(lines) {
-        let (price, fresh, taken) = if postgres {
-            reserve_line_pg(conn, saga_id, line, now).await?
-        } else {
-            reserve_line(conn, saga_id, line, now).await?
-        };
+        let Reserve { price, fresh, taken } = dialect::reserve_line(conn, saga_id, line, now).await?;
         let Some(price) = price else {
             return Err(permanent(
-                "unknown_product",
+                FailureCode::UnknownProduct,
                 format!("product {:?} does not exist", line.product_id),
                 &line.product_id,
             ));
         };
         if fresh && !taken {
             return Err(permanent(
-                "insufficient_stock",
+                FailureCode::InsufficientStock,
                 format!("not enough stock of product {:?} for {} units", line.product_id, line.quantity),
                 &line.product_id,
             ));
         }
-        prices.insert(line.product_id.clone(), price.into());
+        prices.insert(line.product_id.clone(), price);
     }
     Ok(prices)
 }
 
-/// Reserves one line in one round trip (PostgreSQL's data-modifying CTEs): the reservation row
-/// if the saga has none for the product, and the stock if it is there. Returns the price (None
-/// for an unknown product), whether the row is new, and whether the stock was taken.
-async fn reserve_line_pg(
-    conn: &mut AnyConnection,
-    saga_id: &str,
-    line: &Line,
-    now: i64,
-) -> Result<(Option<i64>, bool, bool), StepError> {
-    let row = sqlx::query(
-        "WITH ins AS (INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
-           VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING RETURNING 1), \
-         upd AS (UPDATE products SET available = available - $3, reserved = reserved + $3, updated_at = $4 \
-           WHERE id = $2 AND available >= $3 AND EXISTS (SELECT 1 FROM ins) RETURNING price_cents) \
-         SELECT (SELECT count(*) FROM ins) AS fresh, (SELECT price_cents FROM upd) AS price",
-    )
-    .bind(saga_id)
-    .bind(&line.product_id)
-    .bind(line.quantity)
-    .bind(now)
-    .fetch_one(&mut *conn)
-    .await?;
-    let fresh = row.try_get::<i64, _>("fresh").map_err(StepError::from)? > 0;
-    if let Some(price) = row.try_get::<Option<i64>, _>("price").map_err(StepError::from)? {
-        return Ok((Some(price), fresh, true));
-    }
-    // Nothing taken, which is rare: an unknown product (whose new row the step's error rolls
-    // back), too little stock, or a row the saga already has (a retry, or a tombstone).
-    let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
-        .bind(&line.product_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok((price, fresh, false))
-}
-
-/// The same as [`reserve_line_pg`] for SQLite: two statements, and a third to read the price
-/// only when nothing was taken.
-async fn reserve_line(
-    conn: &mut AnyConnection,
-    saga_id: &str,
-    line: &Line,
-    now: i64,
-) -> Result<(Option<i64>, bool, bool), StepError> {
-    let fresh = insert_reservation(conn, saga_id, line, "reserved", now).await?;
-    if fresh {
-        let price: Option<i64> = sqlx::query_scalar(
-            "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
-             WHERE id = $3 AND available >= $1 RETURNING price_cents",
-        )
-        .bind(line.quantity)
-        .bind(now)
-        .bind(&line.product_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if price.is_some() {
-            return Ok((price, true, true));
-        }
-    }
-    // As on PostgreSQL: an unknown product (whose new row the step's error rolls back), too
-    // little stock, or a row the saga already has.
-    let price: Option<i64> = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
-        .bind(&line.product_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok((price, fresh, false))
+/// What reserving one line found.
+struct Reserve {
+    /// The product's price; `None` for an unknown product.
+    price: Option<i64>,
+    /// The saga had no reservation row for the product: this one is new.
+    fresh: bool,
+    /// The stock was taken.
+    taken: bool,
 }
 
 /// Writes the (saga, product) reservation row in `status` unless the saga already has one.
@@ -277,7 +263,7 @@ async fn insert_reservation(
     conn: &mut AnyConnection,
     saga_id: &str,
     line: &Line,
-    status: &str,
+    status: ReservationStatus,
     now: i64,
 ) -> Result<bool, StepError> {
     let done = sqlx::query(
@@ -287,15 +273,19 @@ async fn insert_reservation(
     .bind(saga_id)
     .bind(&line.product_id)
     .bind(line.quantity)
-    .bind(status)
+    .bind(status.as_str())
     .bind(now)
     .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
-fn is_postgres(conn: &AnyConnection) -> bool {
-    conn.backend_name() == "PostgreSQL"
+/// The price of a product, if it exists, read inside the step's transaction.
+async fn price(conn: &mut AnyConnection, product_id: &str) -> Result<Option<i64>, StepError> {
+    Ok(sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+        .bind(product_id)
+        .fetch_optional(&mut *conn)
+        .await?)
 }
 
 /// Releases what `saga_id` reserved. Where no reservation exists yet it writes a `released`
@@ -303,12 +293,12 @@ fn is_postgres(conn: &AnyConnection) -> bool {
 pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) -> Result<(), StepError> {
     let now = now_ms();
     for line in sorted(lines) {
-        if insert_reservation(conn, saga_id, line, "released", now).await? {
+        if insert_reservation(conn, saga_id, line, ReservationStatus::Released, now).await? {
             continue;
         }
-        let quantity = transition(conn, saga_id, &line.product_id, "reserved", "released", now).await?;
-        if let Some(q) = quantity {
-            move_stock(conn, &line.product_id, "available = available + $1, reserved = reserved - $1", q, now).await?;
+        let (from, to) = (ReservationStatus::Reserved, ReservationStatus::Released);
+        if let Some(q) = transition(conn, saga_id, &line.product_id, from, to, now).await? {
+            move_stock(conn, &line.product_id, "reserved", "available", q, now).await?;
         }
     }
     Ok(())
@@ -316,37 +306,7 @@ pub async fn release(conn: &mut AnyConnection, saga_id: &str, lines: &[Line]) ->
 
 /// Turns `saga_id`'s reservations into sales. Lines already committed or returned are left alone.
 pub async fn commit(conn: &mut AnyConnection, saga_id: &str) -> Result<(), StepError> {
-    let now = now_ms();
-    if is_postgres(conn) {
-        // One round trip for every line: the reservations' move and the stock's. The row locks
-        // come in the join's order, not product-id order. When the steps run as one batch (one
-        // database) the saga's reserve, in the same transaction, holds them already; otherwise a
-        // deadlock with another saga is detected by PostgreSQL and retried (40P01 is transient).
-        sqlx::query(
-            "WITH r AS (UPDATE reservations SET status = 'committed', updated_at = $2 \
-               WHERE saga_id = $1 AND status = 'reserved' RETURNING product_id, quantity) \
-             UPDATE products SET reserved = reserved - r.quantity, sold = sold + r.quantity, updated_at = $2 \
-             FROM r WHERE id = r.product_id",
-        )
-        .bind(saga_id)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        return Ok(());
-    }
-    let committed: Vec<(String, i64)> = sqlx::query_as(
-        "UPDATE reservations SET status = 'committed', updated_at = $1 WHERE saga_id = $2 AND status = 'reserved' \
-         RETURNING product_id, quantity",
-    )
-    .bind(now)
-    .bind(saga_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    // SQLite has one writer, so the order of these row updates cannot deadlock.
-    for (product_id, quantity) in committed {
-        move_stock(conn, &product_id, "reserved = reserved - $1, sold = sold + $1", quantity, now).await?;
-    }
-    Ok(())
+    dialect::commit(conn, saga_id, now_ms()).await
 }
 
 /// Puts everything `saga_id` took back into `available`, once: committed lines leave `sold`,
@@ -359,18 +319,15 @@ pub async fn return_stock(conn: &mut AnyConnection, saga_id: &str) -> Result<(),
         .await?;
     for row in rows {
         let product_id: String = row.try_get("product_id").map_err(StepError::from)?;
-        let status: String = row.try_get("status").map_err(StepError::from)?;
-        let from = match status.as_str() {
-            "committed" => "sold",
-            "reserved" => "reserved",
-            _ => continue,
-        };
-        match transition(conn, saga_id, &product_id, &status, "returned", now).await? {
-            Some(q) => {
-                let set = format!("available = available + $1, {from} = {from} - $1");
-                move_stock(conn, &product_id, &set, q, now).await?;
+        let stored: String = row.try_get("status").map_err(StepError::from)?;
+        let status = ReservationStatus::parse(&stored)
+            .ok_or_else(|| StepError::transient(format!("unknown reservation status {stored:?}")))?;
+        let Some(from) = status.held_in() else { continue };
+        match transition(conn, saga_id, &product_id, status, ReservationStatus::Returned, now).await? {
+            Some(q) => move_stock(conn, &product_id, from, "available", q, now).await?,
+            None => {
+                return Err(StepError::transient(format!("reservation of {product_id:?} changed concurrently")));
             }
-            None => return Err(StepError::Transient(format!("reservation of {product_id:?} changed concurrently"))),
         }
     }
     Ok(())
@@ -381,31 +338,33 @@ async fn transition(
     conn: &mut AnyConnection,
     saga_id: &str,
     product_id: &str,
-    from: &str,
-    to: &str,
+    from: ReservationStatus,
+    to: ReservationStatus,
     now: i64,
 ) -> Result<Option<i64>, StepError> {
     Ok(sqlx::query_scalar(
         "UPDATE reservations SET status = $1, updated_at = $2 WHERE saga_id = $3 AND product_id = $4 AND status = $5 \
          RETURNING quantity",
     )
-    .bind(to)
+    .bind(to.as_str())
     .bind(now)
     .bind(saga_id)
     .bind(product_id)
-    .bind(from)
+    .bind(from.as_str())
     .fetch_optional(&mut *conn)
     .await?)
 }
 
+/// Moves `quantity` units of a product from stock column `from` to `to`.
 async fn move_stock(
     conn: &mut AnyConnection,
     product_id: &str,
-    set: &str,
+    from: &'static str,
+    to: &'static str,
     quantity: i64,
     now: i64,
 ) -> Result<(), StepError> {
-    sqlx::query(&format!("UPDATE products SET {set}, updated_at = $2 WHERE id = $3"))
+    sqlx::query(&format!("UPDATE products SET {to} = {to} + $1, {from} = {from} - $1, updated_at = $2 WHERE id = $3"))
         .bind(quantity)
         .bind(now)
         .bind(product_id)
@@ -418,4 +377,104 @@ fn sorted(lines: &[Line]) -> Vec<&Line> {
     let mut sorted: Vec<&Line> = lines.iter().collect();
     sorted.sort_by(|a, b| a.product_id.cmp(&b.product_id));
     sorted
+}
+
+/// Where PostgreSQL and SQLite differ in the inventory: PostgreSQL reserves a line and commits
+/// every line of a saga in one round trip each, with data-modifying CTEs.
+mod dialect {
+    use sqlx::{AnyConnection, Row};
+
+    use super::{Line, ReservationStatus, Reserve, StepError, insert_reservation, move_stock, price};
+    use crate::db::Backend;
+
+    /// Reserves one line: the reservation row if the saga has none for the product, and the
+    /// stock if it is there.
+    pub(super) async fn reserve_line(
+        conn: &mut AnyConnection,
+        saga_id: &str,
+        line: &Line,
+        now: i64,
+    ) -> Result<Reserve, StepError> {
+        let (fresh, taken) = match Backend::of(conn) {
+            Backend::Postgres => {
+                let row = sqlx::query(
+                    "WITH ins AS (INSERT INTO reservations (saga_id, product_id, quantity, status, updated_at) \
+                       VALUES ($1, $2, $3, 'reserved', $4) ON CONFLICT (saga_id, product_id) DO NOTHING RETURNING 1), \
+                     upd AS (UPDATE products SET available = available - $3, reserved = reserved + $3, updated_at = $4 \
+                       WHERE id = $2 AND available >= $3 AND EXISTS (SELECT 1 FROM ins) RETURNING price_cents) \
+                     SELECT (SELECT count(*) FROM ins) AS fresh, (SELECT price_cents FROM upd) AS price",
+                )
+                .bind(saga_id)
+                .bind(&line.product_id)
+                .bind(line.quantity)
+                .bind(now)
+                .fetch_one(&mut *conn)
+                .await?;
+                let fresh = row.try_get::<i64, _>("fresh").map_err(StepError::from)? > 0;
+                let taken: Option<i64> = row.try_get("price").map_err(StepError::from)?;
+                (fresh, taken)
+            }
+            Backend::Sqlite => {
+                let fresh = insert_reservation(conn, saga_id, line, ReservationStatus::Reserved, now).await?;
+                let taken = if fresh {
+                    sqlx::query_scalar(
+                        "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at = $2 \
+                         WHERE id = $3 AND available >= $1 RETURNING price_cents",
+                    )
+                    .bind(line.quantity)
+                    .bind(now)
+                    .bind(&line.product_id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                } else {
+                    None
+                };
+                (fresh, taken)
+            }
+        };
+        if let Some(price) = taken {
+            return Ok(Reserve { price: Some(price), fresh, taken: true });
+        }
+        // Nothing taken, which is rare: an unknown product (whose new row the step's error rolls
+        // back), too little stock, or a row the saga already has (a retry, or a tombstone).
+        Ok(Reserve { price: price(conn, &line.product_id).await?, fresh, taken: false })
+    }
+
+    /// Commits every reserved line of `saga_id`.
+    pub(super) async fn commit(conn: &mut AnyConnection, saga_id: &str, now: i64) -> Result<(), StepError> {
+        match Backend::of(conn) {
+            // One round trip for every line: the reservations' move and the stock's. The row
+            // locks come in the join's order, not product-id order. When the steps run as one
+            // batch (one database) the saga's reserve, in the same transaction, holds them
+            // already; otherwise a deadlock with another saga is detected by PostgreSQL and
+            // retried (40P01 is transient).
+            Backend::Postgres => {
+                sqlx::query(
+                    "WITH r AS (UPDATE reservations SET status = 'committed', updated_at = $2 \
+                       WHERE saga_id = $1 AND status = 'reserved' RETURNING product_id, quantity) \
+                     UPDATE products SET reserved = reserved - r.quantity, sold = sold + r.quantity, updated_at = $2 \
+                     FROM r WHERE id = r.product_id",
+                )
+                .bind(saga_id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Backend::Sqlite => {
+                let committed: Vec<(String, i64)> = sqlx::query_as(
+                    "UPDATE reservations SET status = 'committed', updated_at = $1 \
+                     WHERE saga_id = $2 AND status = 'reserved' RETURNING product_id, quantity",
+                )
+                .bind(now)
+                .bind(saga_id)
+                .fetch_all(&mut *conn)
+                .await?;
+                // SQLite has one writer, so the order of these row updates cannot deadlock.
+                for (product_id, quantity) in committed {
+                    move_stock(conn, &product_id, "reserved", "sold", quantity, now).await?;
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -27,5 +27,7 @@ pub mod migrate;
 pub mod orders;
 /// The generic saga engine and its durable log.
 pub mod saga;
+/// A statement builder that numbers its own placeholders.
+pub mod sql;
 /// Logging setup.
 pub mod telemetry;

@@ -1125,7 +1125,7 @@ struct FailCommits {
 impl FaultInjector for FailCommits {
     fn fault(&self, kind: &str, step: &str, phase: Phase, _attempt: u32) -> Option<Fault> {
         let hit = self.on.load(Ordering::SeqCst) && kind == "place_order" && step == "commit_stock";
-        (hit && phase == Phase::Action).then(|| Fault::Fail(StepError::Transient("injected: commit refused".into())))
+        (hit && phase == Phase::Action).then(|| Fault::Fail(StepError::transient("injected: commit refused")))
     }
 }
 

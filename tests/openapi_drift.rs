@@ -712,7 +712,7 @@ async fn pending_orders_and_stuck_sagas_answer_as_the_spec_declares() {
     let app = spawn_app_with(config, Some(faults.clone())).await;
     let p = Probe::new(&app, &doc);
     app.create_product("mug", 1250, 10).await;
-    let injected = || Fault::Fail(StepError::Transient("injected: the inventory database is unreachable".into()));
+    let injected = || Fault::Fail(StepError::transient("injected: the inventory database is unreachable"));
 
     // A cancel whose stock cannot go back yet: cancelled, 202 while return_stock retries.
     let placed = p.post("/orders", &order_body("c-1", &[("mug", 1)])).await;

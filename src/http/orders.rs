@@ -16,7 +16,7 @@ use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
 use crate::idempotency;
 use crate::inventory::Line;
-use crate::orders::{Order, OrderStatus, PlaceOrder};
+use crate::orders::{FailureCode, Order, OrderStatus, PlaceOrder};
 
 /// The API's view of an order.
 pub fn view(o: &Order) -> Value {
@@ -29,7 +29,7 @@ pub fn view(o: &Order) -> Value {
         })).collect::<Vec<_>>(),
         "total_cents": o.total_cents,
         "saga_id": o.saga_id,
-        "failure": o.failure.as_ref().map(|f| json!({ "code": f.code, "detail": f.detail })),
+        "failure": o.failure.as_ref().map(|f| json!({ "code": f.code.as_str(), "detail": f.detail })),
         "created_at": rfc3339(o.created_at),
         "updated_at": rfc3339(o.updated_at),
     })
@@ -95,18 +95,11 @@ fn placement_response(order: &Order) -> Response {
         OrderStatus::Pending => accepted(order, location),
         OrderStatus::Rejected => {
             let failure = order.failure.clone().unwrap_or_else(|| crate::orders::Failure {
-                code: "rejected".into(),
+                code: FailureCode::Other("rejected".into()),
                 detail: "the order was rejected".into(),
                 product_id: None,
             });
-            let (status, code) = match failure.code.as_str() {
-                "insufficient_stock" => (StatusCode::CONFLICT, "insufficient_stock"),
-                "unknown_product" => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_product"),
-                "validation_failed" => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
-                "deadline_exceeded" => (StatusCode::CONFLICT, "deadline_exceeded"),
-                _ => (StatusCode::CONFLICT, "order_rejected"),
-            };
-            let mut problem = Problem::new(status, code, failure.detail)
+            let mut problem = Problem::rejected(&failure.code, failure.detail)
                 .with("order_id", order.id.clone())
                 .with("saga_id", order.saga_id.clone());
             if let Some(product_id) = failure.product_id {

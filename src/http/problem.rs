@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use crate::error::{Error, FieldError};
+use crate::error::{Error, FailureCode, FieldError};
 
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -40,6 +40,20 @@ impl Problem {
         let detail = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ");
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", detail)
             .with("errors", serde_json::to_value(errors).unwrap_or_default())
+    }
+
+    /// The answer to an order its saga rejected with `code`: its status and the code answered.
+    pub fn rejected(code: &FailureCode, detail: impl Into<String>) -> Self {
+        let (status, code) = match code {
+            FailureCode::InsufficientStock => (StatusCode::CONFLICT, "insufficient_stock"),
+            FailureCode::UnknownProduct => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_product"),
+            FailureCode::ValidationFailed => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            FailureCode::DeadlineExceeded => (StatusCode::CONFLICT, "deadline_exceeded"),
+            FailureCode::OrderNotPending | FailureCode::OrderNotCancellable | FailureCode::Other(_) => {
+                (StatusCode::CONFLICT, "order_rejected")
+            }
+        };
+        Problem::new(status, code, detail)
     }
 
     /// The problem for a bare error status that no handler described (from axum or tower-http).
@@ -91,15 +105,15 @@ impl From<Error> for Problem {
                 Problem::new(StatusCode::CONFLICT, "order_not_cancellable", e.to_string())
             }
             Error::Unavailable(source) => {
-                tracing::warn!(error = %source, "database unavailable");
+                tracing::warn!(error = &source as &dyn std::error::Error, "database unavailable");
                 Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_unavailable",
                     "a database is not answering; retry shortly",
                 )
             }
-            Error::Internal(message) => {
-                tracing::error!(error = %message, "internal error");
+            e @ (Error::Database(_) | Error::Engine(_) | Error::Task(_) | Error::Internal(_)) => {
+                tracing::error!(error = &e as &dyn std::error::Error, "internal error");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "an unexpected error occurred")
             }
         }

@@ -11,6 +11,7 @@ use super::extract;
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
+use crate::saga::state::step_views;
 use crate::saga::{Event, SagaDefinition, SagaFilter, SagaRecord, SagaState};
 
 fn summary(s: &SagaRecord) -> Value {
@@ -41,38 +42,16 @@ fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> V
             names
         }
     };
-    names
-        .iter()
-        .enumerate()
-        .map(|(index, name)| {
-            let mine: Vec<&Event> = events.iter().filter(|e| e.step.as_deref() == Some(name)).collect();
-            let attempts = mine.iter().filter(|e| matches!(e.event.as_str(), "succeeded" | "failed")).count();
-            let last_error = mine
-                .iter()
-                .rev()
-                .find(|e| matches!(e.event.as_str(), "failed" | "compensation_failed"))
-                .and_then(|e| e.detail.clone());
-            let last = mine.iter().rev().find(|e| e.event != "stuck").map(|e| e.event.as_str());
-            let current = saga.current_step as usize;
-            let state = match (saga.state, last) {
-                (SagaState::Compensating, _) if current >= 1 && current - 1 == index && last != Some("compensated") => {
-                    "compensating"
-                }
-                (_, Some("succeeded")) => "succeeded",
-                (_, Some("compensated")) => "compensated",
-                (_, Some("compensation_failed")) => "compensating",
-                (SagaState::Running, _) if current == index => "running",
-                (_, Some("failed")) => "failed",
-                _ => "pending",
-            };
-            let finished = matches!(state, "succeeded" | "failed" | "compensated");
+    step_views(&names, &saga.position(), events)
+        .into_iter()
+        .map(|step| {
             json!({
-                "name": name,
-                "state": state,
-                "attempts": attempts,
-                "started_at": mine.first().map(|e| rfc3339(e.at)),
-                "finished_at": if finished { mine.last().map(|e| rfc3339(e.at)) } else { None },
-                "last_error": last_error,
+                "name": step.name,
+                "state": step.state.as_str(),
+                "attempts": step.attempts,
+                "started_at": step.started_at.map(rfc3339),
+                "finished_at": step.finished_at.map(rfc3339),
+                "last_error": step.last_error,
             })
         })
         .collect()
@@ -87,7 +66,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
     body["steps"] = Value::Array(steps(&saga, def, &events));
     body["events"] = events
         .iter()
-        .map(|e| json!({ "seq": e.seq, "at": rfc3339(e.at), "step": e.step, "event": e.event, "detail": e.detail }))
+        .map(|e| json!({ "seq": e.seq, "at": rfc3339(e.at), "step": e.step, "event": e.kind.as_str(), "detail": e.detail }))
         .collect();
     Ok(Json(body))
 }

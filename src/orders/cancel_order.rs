@@ -1,16 +1,15 @@
 //! The `cancel_order` saga: cancel a confirmed order (the pivot), then return its stock.
 
-use serde_json::Value;
 use sqlx::AnyConnection;
 
 use super::store::{self, OrderStatus};
-use super::{INVENTORY, input_of};
+use super::{FailureCode, INVENTORY};
 use crate::db::now_ms;
 use crate::inventory;
-use crate::saga::{LOG_PARTICIPANT, SagaDefinition, Step, StepContext, StepError, StepFuture};
+use crate::saga::{Ctx, LOG_PARTICIPANT, SagaDefinition, SagaKind, StepError, StepKey};
 
 /// The saga's kind.
-pub const KIND: &str = "cancel_order";
+pub const KIND: SagaKind<CancelOrderInput> = SagaKind::new("cancel_order");
 
 /// What the saga is started with.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -21,42 +20,31 @@ pub struct CancelOrderInput {
     pub place_saga_id: String,
 }
 
+/// Step 1, the pivot: the order's status becomes cancelled.
+pub const CANCEL: StepKey<()> = StepKey::new("cancel");
+/// Step 2: the order's stock goes back to available.
+pub const RETURN_STOCK: StepKey<()> = StepKey::new("return_stock");
+
 /// The definition: each step with its compensation, on one screen.
 pub fn definition() -> SagaDefinition {
-    SagaDefinition {
-        kind: KIND,
-        version: 1,
-        steps: vec![
-            Step { name: "cancel", participant: LOG_PARTICIPANT, action: cancel, compensation: None, pivot: true },
-            Step {
-                name: "return_stock",
-                participant: INVENTORY,
-                action: return_stock,
-                compensation: None,
-                pivot: false,
-            },
-        ],
-    }
+    SagaDefinition::of(KIND, 1)
+        .step(CANCEL, LOG_PARTICIPANT, cancel)
+        .pivot()
+        .step(RETURN_STOCK, INVENTORY, return_stock)
+        .build()
 }
 
-fn cancel<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: CancelOrderInput = input_of(ctx)?;
-        let now = now_ms();
-        if !store::transition(conn, &input.order_id, OrderStatus::Confirmed, OrderStatus::Cancelled, None, now).await? {
-            let status = store::status(conn, &input.order_id).await?.map(|(status, _)| status);
-            if status != Some(OrderStatus::Cancelled) {
-                return Err(StepError::permanent("order_not_cancellable", format!("order is {status:?}")));
-            }
+async fn cancel(conn: &mut AnyConnection, cx: Ctx<'_, CancelOrderInput>) -> Result<(), StepError> {
+    let id = &cx.input.order_id;
+    if !store::transition(conn, id, OrderStatus::Confirmed, OrderStatus::Cancelled, None, now_ms()).await? {
+        let status = store::status(conn, id).await?.map(|(status, _)| status);
+        if status != Some(OrderStatus::Cancelled) {
+            return Err(FailureCode::OrderNotCancellable.error(format!("order is {status:?}")));
         }
-        Ok(Value::Null)
-    })
+    }
+    Ok(())
 }
 
-fn return_stock<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: CancelOrderInput = input_of(ctx)?;
-        inventory::return_stock(conn, &input.place_saga_id).await?;
-        Ok(Value::Null)
-    })
+async fn return_stock(conn: &mut AnyConnection, cx: Ctx<'_, CancelOrderInput>) -> Result<(), StepError> {
+    inventory::return_stock(conn, &cx.input.place_saga_id).await
 }

@@ -10,14 +10,12 @@ pub mod store;
 
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
-
-use crate::db::{is_unique_violation, now_ms};
+use crate::db::now_ms;
+pub use crate::error::FailureCode;
 use crate::error::{Error, FieldError, Result};
 use crate::idempotency::{self, KeyRecord};
-use crate::insert;
 use crate::inventory::{Inventory, Line, MAX_SAFE_INTEGER};
-use crate::saga::{Engine, StepContext, StepError};
+use crate::saga::{Engine, StartError};
 use cancel_order::CancelOrderInput;
 use place_order::PlaceOrderInput;
 pub use store::{Failure, Order, OrderItem, OrderStatus};
@@ -25,14 +23,16 @@ pub use store::{Failure, Order, OrderItem, OrderStatus};
 /// The participant name of the inventory database in the saga definitions.
 pub const INVENTORY: &str = "inventory";
 
+/// A write-ahead's failure as the service reports it.
+fn start_error(error: StartError) -> Error {
+    match error {
+        StartError::Exists(e) | StartError::Db(e) => e.into(),
+        StartError::Refused => Error::Internal("a write-ahead without a guard was refused".into()),
+    }
+}
+
 /// The idempotency-key scope of `POST /orders`.
 const PLACE_SCOPE: &str = "POST /orders";
-
-/// Reads a saga's input. A malformed input is a bug, not a business rule, so it is retried
-/// (and flagged stuck) rather than compensated.
-fn input_of<T: DeserializeOwned>(ctx: &StepContext) -> Result<T, StepError> {
-    T::deserialize(&*ctx.input).map_err(|e| StepError::Transient(format!("malformed saga input: {e}")))
-}
 
 /// A validated request to place an order.
 #[derive(Debug, Clone)]
@@ -99,7 +99,6 @@ impl Orders {
             updated_at: now_ms(),
         };
         let input = PlaceOrderInput { order_id: order.id.clone(), customer_id: order.customer_id.clone(), items };
-        let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
         let engine = self.engine.clone();
         let record = key.as_ref().map(|(key, fingerprint)| {
             (
@@ -115,21 +114,20 @@ impl Orders {
         // Its own task, so that a client hanging up cannot stop it between the write-ahead commit
         // and the launch, which would leave a saga owned by a live instance but driven by none.
         let written = tokio::spawn(async move {
-            let ahead = engine.write_ahead(place_order::KIND, pending.saga_id.clone(), input)?;
+            let ahead = engine.write_ahead(place_order::KIND, pending.saga_id.clone(), &input)?;
             let mut rows = Vec::with_capacity(4);
             if let Some((key, record)) = &record {
                 rows.push(idempotency::claim(PLACE_SCOPE, key, record, pending.created_at));
             }
             rows.push(store::insert_pending(&pending));
-            match engine.start(ahead, rows).await {
+            match engine.start(ahead, rows, None).await {
                 Ok(()) => Ok::<bool, Error>(true),
                 // Order and saga ids are fresh UUIDs: only the key can be taken already.
-                Err(e) if record.is_some() && is_unique_violation(&e) => Ok(false),
-                Err(e) => Err(e.into()),
+                Err(StartError::Exists(_)) if record.is_some() => Ok(false),
+                Err(e) => Err(start_error(e)),
             }
         })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        .await??;
         if !written {
             let (key, fingerprint) = key.as_ref().expect("only a key can be taken already");
             return self.replay(key, fingerprint, respond_async).await;
@@ -189,50 +187,42 @@ impl Orders {
         let cancel_saga_id = match (order.status, &order.cancel_saga_id) {
             (OrderStatus::Confirmed | OrderStatus::Cancelled, Some(existing)) => existing.clone(),
             (OrderStatus::Confirmed, None) => self.start_cancel(&order).await?,
-            (status, _) => {
-                return Err(Error::OrderNotCancellable { id: id.to_string(), status: status.as_str().to_string() });
-            }
+            (status, _) => return Err(Error::OrderNotCancellable { id: id.to_string(), status }),
         };
         let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?.is_some();
         let order = self.get(id).await?;
         // A cancel saga still short of its pivot is answered 202 like any running saga; one that
         // settled without cancelling found the order no longer confirmed.
         if settled && order.status != OrderStatus::Cancelled {
-            return Err(Error::OrderNotCancellable { id: id.to_string(), status: order.status.as_str().to_string() });
+            return Err(Error::OrderNotCancellable { id: id.to_string(), status: order.status });
         }
         Ok(Cancelled { order, settled })
     }
 
-    /// Writes the cancel saga ahead, attached to the order so that there is only ever one.
+    /// Writes the cancel saga ahead, attached to the order so that there is only ever one: the
+    /// attachment is the write-ahead's guard.
     async fn start_cancel(&self, order: &Order) -> Result<String> {
         let saga_id = uuid::Uuid::now_v7().to_string();
         let input = CancelOrderInput { order_id: order.id.clone(), place_saga_id: order.saga_id.clone() };
-        let input = serde_json::to_value(&input).map_err(|e| Error::Internal(e.to_string()))?;
         let engine = self.engine.clone();
-        let (order_id, id) = (order.id.clone(), saga_id.clone());
+        let guard = store::attach_cancel(&order.id, &saga_id, now_ms());
+        let id = saga_id.clone();
         // Its own task, for the same reason as in `place`.
         let attached = tokio::spawn(async move {
-            let mut tx = engine.log_db().pool.begin().await?;
-            if !store::attach_cancel(&mut tx, &order_id, &id).await? {
-                return Ok::<bool, Error>(false);
+            let ahead = engine.write_ahead(cancel_order::KIND, id, &input)?;
+            match engine.start(ahead, Vec::new(), Some(guard)).await {
+                Ok(()) => Ok::<bool, Error>(true),
+                Err(StartError::Refused) => Ok(false),
+                Err(e) => Err(start_error(e)),
             }
-            let ahead = engine.write_ahead(cancel_order::KIND, id, input)?;
-            insert::execute_together(&mut tx, &ahead.rows).await?;
-            tx.commit().await?;
-            engine.launch(ahead.record, None);
-            Ok(true)
         })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        .await??;
         if attached {
             return Ok(saga_id);
         }
         // A concurrent cancel attached its saga first; follow that one.
         let order = self.get(&order.id).await?;
-        order.cancel_saga_id.ok_or_else(|| Error::OrderNotCancellable {
-            id: order.id.clone(),
-            status: order.status.as_str().to_string(),
-        })
+        order.cancel_saga_id.ok_or_else(|| Error::OrderNotCancellable { id: order.id.clone(), status: order.status })
     }
 
     /// Reads one order.

@@ -1,16 +1,17 @@
 //! The `place_order` saga: reserve stock, create the order, confirm it (the pivot), commit the stock.
 
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
 use sqlx::AnyConnection;
 
 use super::store::{self, Order, OrderItem, OrderStatus};
-use super::{INVENTORY, input_of};
+use super::{FailureCode, INVENTORY};
 use crate::db::now_ms;
 use crate::inventory::{self, Line, MAX_SAFE_INTEGER};
-use crate::saga::{LOG_PARTICIPANT, SagaDefinition, SagaRecord, SagaState, Step, StepContext, StepError, StepFuture};
+use crate::saga::{Ctx, LOG_PARTICIPANT, SagaDefinition, SagaKind, SagaRecord, SagaState, StepError, StepKey};
 
 /// The saga's kind.
-pub const KIND: &str = "place_order";
+pub const KIND: SagaKind<PlaceOrderInput> = SagaKind::new("place_order");
 
 /// What the saga is started with.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -23,112 +24,101 @@ pub struct PlaceOrderInput {
     pub items: Vec<Line>,
 }
 
+/// What reserve_stock keeps in the log: each product's unit price as it reserved it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reserved {
+    /// Unit price by product id.
+    pub prices: BTreeMap<String, i64>,
+}
+
+/// What create_order keeps in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Created {
+    /// The order's total.
+    pub total_cents: i64,
+}
+
+/// What confirm keeps in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Confirmed {
+    /// When the order was confirmed (ms).
+    pub confirmed_at: i64,
+}
+
+/// Step 1: reserve every line's stock, in the inventory.
+pub const RESERVE_STOCK: StepKey<Reserved> = StepKey::new("reserve_stock");
+/// Step 2: write the order's prices and total.
+pub const CREATE_ORDER: StepKey<Created> = StepKey::new("create_order");
+/// Step 3, the pivot: confirm the order.
+pub const CONFIRM: StepKey<Confirmed> = StepKey::new("confirm");
+/// Step 4: turn the reservations into sales.
+pub const COMMIT_STOCK: StepKey<()> = StepKey::new("commit_stock");
+
 /// The definition: each step with its compensation, on one screen.
 pub fn definition() -> SagaDefinition {
-    SagaDefinition {
-        kind: KIND,
-        version: 1,
-        steps: vec![
-            Step {
-                name: "reserve_stock",
-                participant: INVENTORY,
-                action: reserve_stock,
-                compensation: Some(release_stock),
-                pivot: false,
-            },
-            Step {
-                name: "create_order",
-                participant: LOG_PARTICIPANT,
-                action: create_order,
-                compensation: Some(reject_order),
-                pivot: false,
-            },
-            Step { name: "confirm", participant: LOG_PARTICIPANT, action: confirm, compensation: None, pivot: true },
-            Step {
-                name: "commit_stock",
-                participant: INVENTORY,
-                action: commit_stock,
-                compensation: None,
-                pivot: false,
-            },
-        ],
+    SagaDefinition::of(KIND, 1)
+        .step(RESERVE_STOCK, INVENTORY, reserve_stock)
+        .compensated_by(release_stock)
+        .step(CREATE_ORDER, LOG_PARTICIPANT, create_order)
+        .compensated_by(reject_order)
+        .step(CONFIRM, LOG_PARTICIPANT, confirm)
+        .pivot()
+        .step(COMMIT_STOCK, INVENTORY, commit_stock)
+        .build()
+}
+
+async fn reserve_stock(conn: &mut AnyConnection, cx: Ctx<'_, PlaceOrderInput>) -> Result<Reserved, StepError> {
+    Ok(Reserved { prices: inventory::reserve(conn, cx.saga_id, &cx.input.items).await? })
+}
+
+async fn release_stock(conn: &mut AnyConnection, cx: Ctx<'_, PlaceOrderInput>) -> Result<(), StepError> {
+    inventory::release(conn, cx.saga_id, &cx.input.items).await
+}
+
+async fn create_order(conn: &mut AnyConnection, cx: Ctx<'_, PlaceOrderInput>) -> Result<Created, StepError> {
+    // Prices come from the log (rule 6), so a resumed saga totals exactly as the first run.
+    let (items, total_cents) = priced(&cx.input.items, &cx.output(RESERVE_STOCK)?)?;
+    store::price(conn, &cx.input.order_id, &items, total_cents).await?;
+    Ok(Created { total_cents })
+}
+
+async fn reject_order(conn: &mut AnyConnection, cx: Ctx<'_, PlaceOrderInput>) -> Result<(), StepError> {
+    let (from, to) = (OrderStatus::Pending, OrderStatus::Rejected);
+    store::transition(conn, &cx.input.order_id, from, to, cx.failure(), now_ms()).await?;
+    Ok(())
+}
+
+async fn confirm(conn: &mut AnyConnection, cx: Ctx<'_, PlaceOrderInput>) -> Result<Confirmed, StepError> {
+    let id = &cx.input.order_id;
+    let now = now_ms();
+    if store::transition(conn, id, OrderStatus::Pending, OrderStatus::Confirmed, None, now).await? {
+        return Ok(Confirmed { confirmed_at: now });
+    }
+    // Confirmed already: this is a repeat, and the pivot has happened.
+    match store::status(conn, id).await? {
+        Some((OrderStatus::Confirmed, at)) => Ok(Confirmed { confirmed_at: at }),
+        status => Err(FailureCode::OrderNotPending.error(format!("order is {:?}, not pending", status.map(|s| s.0)))),
     }
 }
 
-fn reserve_stock<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: PlaceOrderInput = input_of(ctx)?;
-        let prices = inventory::reserve(conn, &ctx.saga_id, &input.items).await?;
-        Ok(json!({ "prices": prices }))
-    })
-}
-
-fn release_stock<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: PlaceOrderInput = input_of(ctx)?;
-        inventory::release(conn, &ctx.saga_id, &input.items).await?;
-        Ok(Value::Null)
-    })
-}
-
-fn create_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: PlaceOrderInput = input_of(ctx)?;
-        // Prices come from the log (rule 6), so a resumed saga totals exactly as the first run.
-        let (items, total) = priced(&input.items, &ctx.output("reserve_stock")["prices"])?;
-        store::price(conn, &input.order_id, &items, total).await?;
-        Ok(json!({ "total_cents": total }))
-    })
-}
-
-fn reject_order<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: PlaceOrderInput = input_of(ctx)?;
-        let (from, to) = (OrderStatus::Pending, OrderStatus::Rejected);
-        store::transition(conn, &input.order_id, from, to, ctx.failure.as_ref(), now_ms()).await?;
-        Ok(Value::Null)
-    })
-}
-
-fn confirm<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        let input: PlaceOrderInput = input_of(ctx)?;
-        let now = now_ms();
-        let mut confirmed_at = now;
-        if !store::transition(conn, &input.order_id, OrderStatus::Pending, OrderStatus::Confirmed, None, now).await? {
-            // Confirmed already: this is a repeat, and the pivot has happened.
-            match store::status(conn, &input.order_id).await? {
-                Some((OrderStatus::Confirmed, at)) => confirmed_at = at,
-                status => {
-                    let status = status.map(|(s, _)| s);
-                    return Err(StepError::permanent("order_not_pending", format!("order is {status:?}, not pending")));
-                }
-            }
-        }
-        Ok(json!({ "confirmed_at": confirmed_at }))
-    })
-}
-
-fn commit_stock<'a>(conn: &'a mut AnyConnection, ctx: &'a StepContext) -> StepFuture<'a> {
-    Box::pin(async move {
-        inventory::commit(conn, &ctx.saga_id).await?;
-        Ok(Value::Null)
-    })
+async fn commit_stock(conn: &mut AnyConnection, cx: Ctx<'_, PlaceOrderInput>) -> Result<(), StepError> {
+    inventory::commit(conn, cx.saga_id).await
 }
 
 /// The order's lines with the prices logged by reserve_stock, and their total.
-fn priced(lines: &[Line], prices: &Value) -> Result<(Vec<OrderItem>, i64), StepError> {
+fn priced(lines: &[Line], reserved: &Reserved) -> Result<(Vec<OrderItem>, i64), StepError> {
     let mut items = Vec::with_capacity(lines.len());
     let mut total: i64 = 0;
     for line in lines {
-        let price = prices[&line.product_id]
-            .as_i64()
-            .ok_or_else(|| StepError::Transient(format!("no price logged for {:?}", line.product_id)))?;
+        let price = *reserved
+            .prices
+            .get(&line.product_id)
+            .ok_or_else(|| StepError::transient(format!("no price logged for {:?}", line.product_id)))?;
         total = price
             .checked_mul(line.quantity)
             .and_then(|t| t.checked_add(total))
             .filter(|t| *t <= MAX_SAFE_INTEGER)
-            .ok_or_else(|| StepError::permanent("validation_failed", "the order's total exceeds 2^53 - 1"))?;
+            .ok_or_else(|| FailureCode::ValidationFailed.error("the order's total exceeds 2^53 - 1"))?;
         items.push(OrderItem {
             product_id: line.product_id.clone(),
             quantity: line.quantity,
@@ -146,13 +136,13 @@ pub fn confirmed_order(pending: &Order, saga: &SagaRecord) -> Option<Order> {
     }
     let lines: Vec<Line> =
         pending.items.iter().map(|i| Line { product_id: i.product_id.clone(), quantity: i.quantity }).collect();
-    let (items, total) = priced(&lines, &saga.outputs.get("reserve_stock")?["prices"]).ok()?;
-    let confirmed_at = saga.outputs.get("confirm")?["confirmed_at"].as_i64()?;
+    let (items, total) = priced(&lines, &RESERVE_STOCK.read(&saga.outputs).ok()?).ok()?;
+    let confirmed = CONFIRM.read(&saga.outputs).ok()?;
     Some(Order {
         status: OrderStatus::Confirmed,
         items,
         total_cents: Some(total),
-        updated_at: confirmed_at,
+        updated_at: confirmed.confirmed_at,
         ..pending.clone()
     })
 }

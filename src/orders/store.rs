@@ -5,7 +5,9 @@ use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
 use crate::db::{Db, now_ms};
+use crate::error::FailureCode;
 use crate::insert::Insert;
+use crate::sql::Sql;
 
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,13 +35,15 @@ impl OrderStatus {
 
     /// Parses a stored or requested name.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => OrderStatus::Pending,
-            "confirmed" => OrderStatus::Confirmed,
-            "rejected" => OrderStatus::Rejected,
-            "cancelled" => OrderStatus::Cancelled,
-            _ => return None,
-        })
+        [OrderStatus::Pending, OrderStatus::Confirmed, OrderStatus::Rejected, OrderStatus::Cancelled]
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -57,8 +61,8 @@ pub struct OrderItem {
 /// Why an order was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    /// Stable reason: `insufficient_stock`, `unknown_product`, `deadline_exceeded`.
-    pub code: String,
+    /// Stable reason.
+    pub code: FailureCode,
     /// What a person reads.
     pub detail: String,
     /// The product concerned, if one is.
@@ -101,7 +105,7 @@ fn decode(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
     let failure =
         failure.map(|f| serde_json::from_str::<Value>(&f).map_err(|e| bad(e.to_string()))).transpose()?.map(|f| {
             Failure {
-                code: f["code"].as_str().unwrap_or("unknown").to_string(),
+                code: FailureCode::parse(f["code"].as_str().unwrap_or("unknown")),
                 detail: f["detail"].as_str().unwrap_or_default().to_string(),
                 product_id: f["product_id"].as_str().map(str::to_string),
             }
@@ -122,15 +126,17 @@ fn decode(row: &sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
 
 /// The row that writes a new order as pending, committed with its saga's write-ahead.
 pub fn insert_pending(order: &Order) -> Insert {
-    Insert::new(
-        "INSERT INTO orders (id, customer_id, status, items, total_cents, saga_id, cancel_saga_id, failure, \
-         created_at, updated_at) VALUES ($1, $2, 'pending', $3, NULL, $4, NULL, NULL, $5, $5)",
-    )
-    .text(Some(order.id.as_str()))
-    .text(Some(order.customer_id.as_str()))
-    .text(Some(serde_json::to_string(&order.items).unwrap_or_default()))
-    .text(Some(order.saga_id.as_str()))
-    .int(Some(order.created_at))
+    Insert::into("orders")
+        .value("id", order.id.as_str())
+        .value("customer_id", order.customer_id.as_str())
+        .value("status", OrderStatus::Pending.as_str())
+        .value("items", serde_json::to_string(&order.items).unwrap_or_default())
+        .value("total_cents", None::<i64>)
+        .value("saga_id", order.saga_id.as_str())
+        .value("cancel_saga_id", None::<&str>)
+        .value("failure", None::<&str>)
+        .value("created_at", order.created_at)
+        .value("updated_at", order.created_at)
 }
 
 /// Reads one order.
@@ -208,16 +214,16 @@ pub async fn status(conn: &mut AnyConnection, id: &str) -> Result<Option<(OrderS
     Ok(OrderStatus::parse(&status).map(|s| (s, row.try_get("updated_at").unwrap_or_default())))
 }
 
-/// Attaches a cancel saga to a confirmed order that has none. False if it has one already or is
-/// not confirmed.
-pub async fn attach_cancel(conn: &mut AnyConnection, id: &str, cancel_saga_id: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE orders SET cancel_saga_id = $1, updated_at = $2 WHERE id = $3 AND status = 'confirmed' AND cancel_saga_id IS NULL",
-    )
-    .bind(cancel_saga_id)
-    .bind(now_ms())
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+/// The statement that attaches a cancel saga to a confirmed order that has none: the guard of
+/// the cancel saga's write-ahead, which changes no row (and so writes nothing) if the order
+/// has a cancel saga already or is not confirmed.
+pub fn attach_cancel(id: &str, cancel_saga_id: &str, now: i64) -> Sql<'static> {
+    let mut sql = Sql::new("UPDATE orders SET cancel_saga_id = ");
+    sql.bind(cancel_saga_id.to_string())
+        .push(", updated_at = ")
+        .bind(now)
+        .push(" WHERE id = ")
+        .bind(id.to_string())
+        .push(" AND status = 'confirmed' AND cancel_saga_id IS NULL");
+    sql
 }

@@ -1,31 +1,32 @@
-//! Fault injection for tests: make a chosen step fail, run twice, or "crash" the engine around it,
-//! through the engine itself rather than any HTTP backdoor.
+//! Fault injection for tests: make a chosen step fail, run twice, lose the answer to its commit,
+//! or "crash" the engine around it, through the engine itself rather than any HTTP backdoor. A
+//! fault acts wherever the step runs: alone, or inside a batch of neighbouring steps that share
+//! one transaction, exactly as production runs it.
 
 use std::sync::Mutex;
 
 use super::definition::StepError;
-
-/// Which half of a step a fault applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// The forward transaction.
-    Action,
-    /// The backward transaction.
-    Compensation,
-}
+pub use super::state::Phase;
 
 /// What happens to one attempt of a step.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    /// The attempt fails with this error without touching any database.
+    /// The attempt fails with this error; whatever its transaction did is rolled back.
     Fail(StepError),
-    /// The step's transaction runs and commits twice, as a retry after a lost answer would.
+    /// The step's work runs twice: in another participant's database its transaction commits
+    /// twice (a retry after a lost answer); in the log database its action runs twice inside the
+    /// transaction that records it.
     RunTwice,
-    /// The engine stops driving the saga before the attempt, as if the process died.
+    /// The engine stops driving the saga right before the step runs, as if the process died:
+    /// inside a batch, the steps before it in the same transaction are rolled back with it.
     CrashBefore,
-    /// The engine stops right after the step's own transaction commits, before anything else
-    /// (in another participant's database, before its log record).
+    /// The engine stops right after the transaction holding the step's effect commits, before
+    /// anything else (in another participant's database: before the log records it).
     CrashAfter,
+    /// The transaction that records the step in the log commits, but the engine is told it
+    /// failed, as when a connection drops right after COMMIT: the driver must find out from the
+    /// log where the saga stands.
+    LoseAnswer,
 }
 
 /// Decides the fault, if any, for an attempt. Implemented by tests; production passes none.

@@ -1,5 +1,7 @@
-//! The saga log: the `sagas` rows the engine resumes from and the append-only `saga_events`
-//! history. Every write that records progress is fenced by the saga's generation.
+//! The saga log's storage: the `sagas` rows the engine resumes from and the append-only
+//! `saga_events` history (docs/design.md, "The log"). Every write that records progress is
+//! fenced by the saga's generation. What the rows' values mean, and which changes are legal,
+//! is [`super::state`]'s business; this module only reads and writes them.
 
 use std::sync::Arc;
 
@@ -7,49 +9,11 @@ use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
+use super::state::EventKind;
+pub use super::state::SagaState;
 use crate::db::{Backend, Db};
 use crate::insert::Insert;
-
-/// Where a saga stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SagaState {
-    /// Going forward through its steps.
-    Running,
-    /// Going backward through the compensations.
-    Compensating,
-    /// Every step succeeded.
-    Completed,
-    /// Every compensation succeeded.
-    Compensated,
-}
-
-impl SagaState {
-    /// The stored and displayed name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SagaState::Running => "running",
-            SagaState::Compensating => "compensating",
-            SagaState::Completed => "completed",
-            SagaState::Compensated => "compensated",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "running" => SagaState::Running,
-            "compensating" => SagaState::Compensating,
-            "completed" => SagaState::Completed,
-            "compensated" => SagaState::Compensated,
-            _ => return None,
-        })
-    }
-
-    /// True for `completed` and `compensated`: nothing is left to do.
-    pub fn is_final(self) -> bool {
-        matches!(self, SagaState::Completed | SagaState::Compensated)
-    }
-}
+use crate::sql::Sql;
 
 /// A `sagas` row.
 #[derive(Debug, Clone)]
@@ -66,10 +30,11 @@ pub struct SagaRecord {
     pub stuck: bool,
     /// The input it was started with (shared: it never changes).
     pub input: Arc<Value>,
-    /// Outputs of the steps that succeeded, by step name.
-    pub outputs: Map<String, Value>,
+    /// Outputs of the steps that succeeded, by step name (shared with the steps that read them;
+    /// copied only when a new output is added).
+    pub outputs: Arc<Map<String, Value>>,
     /// Why it compensates.
-    pub failure: Option<Value>,
+    pub failure: Option<Arc<Value>>,
     /// Running: the next step to run. Compensating: how many steps are still to undo.
     pub current_step: i64,
     /// Failed attempts of the current step.
@@ -99,8 +64,8 @@ pub struct Event {
     pub seq: i64,
     /// The step it concerns; `None` for saga-level events.
     pub step: Option<String>,
-    /// What happened: `created`, `succeeded`, `failed`, `compensating`, `compensated`, ...
-    pub event: String,
+    /// What happened.
+    pub kind: EventKind,
     /// An error message or other detail.
     pub detail: Option<String>,
     /// When (ms since epoch).
@@ -113,7 +78,7 @@ pub struct NewEvent {
     /// The step it concerns, if any.
     pub step: Option<&'static str>,
     /// What happened.
-    pub event: &'static str,
+    pub kind: EventKind,
     /// Detail, if any.
     pub detail: Option<String>,
 }
@@ -146,11 +111,11 @@ fn decode(row: &AnyRow) -> Result<SagaRecord, sqlx::Error> {
             .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {state:?}").into()))?,
         stuck: row.try_get::<i64, _>("stuck")? != 0,
         input: Arc::new(json("input")?.unwrap_or(Value::Null)),
-        outputs: match json("outputs")? {
+        outputs: Arc::new(match json("outputs")? {
             Some(Value::Object(map)) => map,
             _ => Map::new(),
-        },
-        failure: json("failure")?,
+        }),
+        failure: json("failure")?.map(Arc::new),
         current_step: row.try_get("current_step")?,
         attempts: row.try_get("attempts")?,
         last_error: row.try_get("last_error")?,
@@ -168,26 +133,30 @@ fn decode(row: &AnyRow) -> Result<SagaRecord, sqlx::Error> {
 /// and its `created` event. The caller commits them, with rows of its own, before the first step.
 pub fn insert(record: &SagaRecord) -> [Insert; 2] {
     [
-        Insert::new(
-            "INSERT INTO sagas (id, kind, version, state, stuck, input, outputs, failure, current_step, \
-             attempts, last_error, next_seq, owner, lease_expires_at, generation, deadline_at, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4, 0, $5, '{}', NULL, 0, 0, NULL, 1, $6, $7, $8, $9, $10, $10)",
-        )
-        .text(Some(record.id.as_str()))
-        .text(Some(record.kind.as_str()))
-        .int(Some(record.version))
-        .text(Some(record.state.as_str()))
-        .text(Some(record.input.to_string()))
-        .text(record.owner.as_deref())
-        .int(Some(record.lease_expires_at))
-        .int(Some(record.generation))
-        .int(Some(record.deadline_at))
-        .int(Some(record.created_at)),
-        Insert::new(
-            "INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ($1, 0, NULL, 'created', NULL, $2)",
-        )
-        .text(Some(record.id.as_str()))
-        .int(Some(record.created_at)),
+        Insert::into("sagas")
+            .value("id", record.id.as_str())
+            .value("kind", record.kind.as_str())
+            .value("version", record.version)
+            .value("state", record.state.as_str())
+            .value("stuck", false)
+            .value("input", record.input.to_string())
+            .value("outputs", "{}")
+            .value("current_step", 0)
+            .value("attempts", 0)
+            .value("next_seq", 1)
+            .value("owner", record.owner.as_deref())
+            .value("lease_expires_at", record.lease_expires_at)
+            .value("generation", record.generation)
+            .value("deadline_at", record.deadline_at)
+            .value("created_at", record.created_at)
+            .value("updated_at", record.created_at),
+        Insert::into("saga_events")
+            .value("saga_id", record.id.as_str())
+            .value("seq", 0)
+            .value("step", None::<&str>)
+            .value("event", EventKind::Created.as_str())
+            .value("detail", None::<&str>)
+            .value("at", record.created_at),
     ]
 }
 
@@ -200,80 +169,92 @@ pub async fn record(
     now: i64,
 ) -> Result<(), LogError> {
     let first_seq = next.next_seq;
-    let final_state = next.state.is_final();
-    const UPDATE: &str = "UPDATE sagas SET state = $1, stuck = $2, outputs = $3, failure = $4, current_step = $5, \
-         attempts = $6, last_error = $7, next_seq = $8, updated_at = $9, \
-         owner = CASE WHEN $10 = 1 THEN NULL ELSE owner END, \
-         lease_expires_at = CASE WHEN $10 = 1 THEN 0 ELSE lease_expires_at END \
-         WHERE id = $11 AND generation = $12";
-    // On PostgreSQL the events ride on the update: one round trip, and they are written only if
-    // the fence let the update through.
-    let together = !events.is_empty() && conn.backend_name() == "PostgreSQL";
-    let sql = if together {
-        let values: Vec<String> = (0..events.len())
-            .map(|i| {
-                let p = 13 + 4 * i;
-                format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
-            })
-            .collect();
-        format!(
-            "WITH s AS ({UPDATE} RETURNING id) INSERT INTO saga_events (saga_id, seq, step, event, detail, at) \
-             SELECT s.id, v.seq, v.step, v.event, v.detail, $9 FROM s, (VALUES {}) AS v (seq, step, event, detail)",
-            values.join(", ")
-        )
-    } else {
-        UPDATE.to_string()
-    };
-    let mut query = sqlx::query(&sql)
-        .bind(next.state.as_str())
-        .bind(i64::from(next.stuck))
-        .bind(serde_json::to_string(&next.outputs).unwrap_or_else(|_| "{}".into()))
-        .bind(next.failure.as_ref().map(Value::to_string))
-        .bind(next.current_step)
-        .bind(next.attempts)
-        .bind(&next.last_error)
-        .bind(first_seq + events.len() as i64)
-        .bind(now)
-        .bind(i64::from(final_state))
-        .bind(&next.id)
-        .bind(next.generation);
+    let outputs = serde_json::to_string(&*next.outputs).unwrap_or_else(|_| "{}".into());
+    let failure = next.failure.as_ref().map(|f| f.to_string());
+    let mut sql = Sql::default();
+    // Where the backends differ: on PostgreSQL the events ride on the update, in one round trip,
+    // and are written only if the fence let the update through; SQLite runs two statements in
+    // the caller's transaction.
+    let together = !events.is_empty() && Backend::of(conn) == Backend::Postgres;
     if together {
-        query = bind_events(query, first_seq, events);
+        sql.push("WITH s AS (");
+        push_update(&mut sql, next, &outputs, failure.as_deref(), events.len(), now);
+        sql.push(" RETURNING id) INSERT INTO saga_events (saga_id, seq, step, event, detail, at) ")
+            .push("SELECT s.id, v.seq, v.step, v.event, v.detail, v.at FROM s, (VALUES ");
+        push_events(&mut sql, None, first_seq, events, now);
+        sql.push(") AS v (seq, step, event, detail, at)");
+    } else {
+        push_update(&mut sql, next, &outputs, failure.as_deref(), events.len(), now);
     }
-    if query.execute(&mut *conn).await?.rows_affected() == 0 {
+    if sql.query().execute(&mut *conn).await?.rows_affected() == 0 {
         return Err(LogError::LeaseLost);
     }
     if !together && !events.is_empty() {
-        // One statement for all of a write's events.
-        let values: Vec<String> = (0..events.len())
-            .map(|i| {
-                let p = 3 + 4 * i;
-                format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3)
-            })
-            .collect();
-        let sql =
-            format!("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES {}", values.join(", "));
-        bind_events(sqlx::query(&sql).bind(&next.id).bind(now), first_seq, events).execute(&mut *conn).await?;
+        let mut insert = Sql::new("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ");
+        push_events(&mut insert, Some(&next.id), first_seq, events, now);
+        insert.query().execute(&mut *conn).await?;
     }
     next.next_seq = first_seq + events.len() as i64;
     next.updated_at = now;
-    if final_state {
+    if next.state.is_final() {
         next.owner = None;
         next.lease_expires_at = 0;
     }
     Ok(())
 }
 
-/// Binds each event's seq, step, event and detail, in order.
-fn bind_events<'q>(
-    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    first_seq: i64,
-    events: &'q [NewEvent],
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    for (i, e) in events.iter().enumerate() {
-        query = query.bind(first_seq + i as i64).bind(e.step).bind(e.event).bind(&e.detail);
+/// The fenced update of a saga row to `next`, with `appended` events taking the next seqs.
+fn push_update<'a>(
+    sql: &mut Sql<'a>,
+    next: &'a SagaRecord,
+    outputs: &'a str,
+    failure: Option<&'a str>,
+    appended: usize,
+    now: i64,
+) {
+    sql.push("UPDATE sagas SET state = ")
+        .bind(next.state.as_str())
+        .push(", stuck = ")
+        .bind(next.stuck)
+        .push(", outputs = ")
+        .bind(outputs)
+        .push(", failure = ")
+        .bind(failure)
+        .push(", current_step = ")
+        .bind(next.current_step)
+        .push(", attempts = ")
+        .bind(next.attempts)
+        .push(", last_error = ")
+        .bind(next.last_error.as_deref())
+        .push(", next_seq = ")
+        .bind(next.next_seq + appended as i64)
+        .push(", updated_at = ")
+        .bind(now);
+    if next.state.is_final() {
+        sql.push(", owner = NULL, lease_expires_at = 0");
     }
-    query
+    sql.push(" WHERE id = ").bind(next.id.as_str()).push(" AND generation = ").bind(next.generation);
+}
+
+/// The events as rows of a VALUES list: `(saga_id, seq, step, event, detail, at)`, or without
+/// the saga id when `saga_id` is `None` (the update's RETURNING supplies it).
+fn push_events<'a>(sql: &mut Sql<'a>, saga_id: Option<&'a str>, first_seq: i64, events: &'a [NewEvent], now: i64) {
+    sql.join(events.iter().enumerate(), ", ", |sql, (i, e)| {
+        sql.push("(");
+        if let Some(id) = saga_id {
+            sql.bind(id).push(", ");
+        }
+        sql.bind(first_seq + i as i64)
+            .push(", ")
+            .bind(e.step)
+            .push(", ")
+            .bind(e.kind.as_str())
+            .push(", ")
+            .bind(e.detail.as_deref())
+            .push(", ")
+            .bind(now)
+            .push(")");
+    });
 }
 
 /// Reads one saga.
@@ -294,7 +275,7 @@ pub async fn events(db: &Db, id: &str) -> Result<Vec<Event>, sqlx::Error> {
             Ok(Event {
                 seq: r.try_get("seq")?,
                 step: r.try_get("step")?,
-                event: r.try_get("event")?,
+                kind: EventKind::parse(&r.try_get::<String, _>("event")?),
                 detail: r.try_get("detail")?,
                 at: r.try_get("at")?,
             })
@@ -348,24 +329,29 @@ pub async fn claim_expired(
     if known.is_empty() {
         return Ok(Vec::new());
     }
-    let lock = match db.backend {
-        // Several instances claim at once; each skips the rows another is claiming.
-        Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-        // One instance, one connection: the statement is already exclusive.
-        Backend::Sqlite => "",
-    };
-    let versions: Vec<String> =
-        (0..known.len()).map(|i| format!("(kind = ${} AND version = ${})", 5 + 2 * i, 6 + 2 * i)).collect();
-    let sql = format!(
-        "UPDATE sagas SET owner = $1, generation = generation + 1, lease_expires_at = $2, updated_at = $3 \
-         WHERE id IN (SELECT id FROM sagas WHERE state IN ('running', 'compensating') \
-         AND lease_expires_at < $3 AND ({}) ORDER BY lease_expires_at LIMIT $4 {lock}) RETURNING id, generation",
-        versions.join(" OR ")
-    );
-    let mut query = sqlx::query(&sql).bind(owner).bind(lease_until).bind(now).bind(limit);
-    for (kind, version) in known {
-        query = query.bind(*kind).bind(*version);
-    }
+    let mut sql = Sql::new("UPDATE sagas SET owner = ");
+    sql.bind(owner)
+        .push(", generation = generation + 1, lease_expires_at = ")
+        .bind(lease_until)
+        .push(", updated_at = ")
+        .bind(now)
+        .push(" WHERE id IN (SELECT id FROM sagas WHERE state IN ('running', 'compensating') AND lease_expires_at < ")
+        .bind(now)
+        .push(" AND (")
+        .join(known, " OR ", |sql, (kind, version)| {
+            sql.push("(kind = ").bind(*kind).push(" AND version = ").bind(*version).push(")");
+        })
+        .push(") ORDER BY lease_expires_at LIMIT ")
+        .bind(limit)
+        .push(match db.backend {
+            // Where the backends differ: several instances claim at once, each skipping the
+            // rows another is claiming; SQLite has one instance and one connection, so the
+            // statement is already exclusive.
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        })
+        .push(") RETURNING id, generation");
+    let query = sql.query();
     let rows = query.fetch_all(&db.pool).await?;
     rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("generation")?))).collect()
 }
@@ -375,17 +361,13 @@ pub async fn claim_expired(
 pub async fn renew_leases(db: &Db, owner: &str, lease_until: i64, ids: &[String]) -> Result<u64, sqlx::Error> {
     let mut renewed = 0;
     for chunk in ids.chunks(500) {
-        let placeholders: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
-        let sql = format!(
-            "UPDATE sagas SET lease_expires_at = $1 WHERE owner = $2 AND state IN ('running', 'compensating') \
-             AND id IN ({})",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query(&sql).bind(lease_until).bind(owner);
-        for id in chunk {
-            query = query.bind(id);
-        }
-        renewed += query.execute(&db.pool).await?.rows_affected();
+        let mut sql = Sql::new("UPDATE sagas SET lease_expires_at = ");
+        sql.bind(lease_until)
+            .push(" WHERE owner = ")
+            .bind(owner)
+            .push(" AND state IN ('running', 'compensating') AND id IN ")
+            .tuple(chunk);
+        renewed += sql.query().execute(&db.pool).await?.rows_affected();
     }
     Ok(renewed)
 }
