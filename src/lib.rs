@@ -1,7 +1,29 @@
 //! order-saga: places e-commerce orders across separate order and inventory databases with a
-//! saga whose every decision is written to a durable log first.
+//! saga whose every decision is written to a durable log first. What it guarantees, and the
+//! rules the comments cite ("rule 4"), are in `docs/design.md`.
 //!
-//! A guided tour, from the bottom up:
+//! # Layout: one `POST /orders`, from the request down to the SQL
+//!
+//! 1. [`http`] routes it to `http::orders::place`, which validates the body into an
+//!    [`orders::PlaceOrder`] and knows no SQL; [`http::problem`] is the one place where errors
+//!    ([`error::Error`], and the [`error::FailureCode`] of a rejected order) become HTTP.
+//! 2. [`orders::Orders::place`] builds the pending order and the saga's input and asks the
+//!    engine to write them ahead together with the [`idempotency`] record
+//!    ([`saga::Engine::start`]: one transaction, group-committed on SQLite by
+//!    [`group_commit`], its rows combined into one round trip by [`insert`]).
+//! 3. The engine ([`saga`], which knows nothing about orders) launches the saga in its own task:
+//!    the driver moves it step by step through [`orders::place_order::definition`], running
+//!    steps in the inventory's database ([`inventory`]) and in the log database
+//!    ([`orders::store`]), recording every event through the state machine of [`saga::state`]
+//!    into the log ([`saga::log`]).
+//! 4. The handler waits for the saga to settle (up to `ORDER_WAIT_MS`) and answers 201, 409 /
+//!    422 or 202.
+//!
+//! Underneath: [`db`] opens the pools and tells the backends apart, [`migrate`] applies each
+//! backend's schema, [`sql`] builds statements whose placeholders it numbers itself. [`app`]
+//! wires it all from [`config`]; `main.rs` only reads the configuration and serves.
+//!
+//! The modules, from the bottom up:
 
 /// Startup: builds the app from its configuration, apart from serving it.
 pub mod app;

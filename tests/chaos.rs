@@ -3,7 +3,7 @@
 //! server, SIGTERM under load, database connections cut right after a COMMIT. Clients re-send
 //! every request whose answer was lost with the same Idempotency-Key until it gets a final
 //! answer; at the end nothing a client was told is lost or contradicted, and the invariants of
-//! design.md hold.
+//! docs/design.md hold.
 //!
 //! The binary is configured only through environment variables. The PostgreSQL-only tests are
 //! ignored by default and fail loudly when run without the environment they need: they never

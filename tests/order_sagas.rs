@@ -142,7 +142,7 @@ fn with_status(items: &[(&str, i64)], status: &str) -> BTreeMap<String, (i64, St
     items.iter().map(|(p, q)| (p.to_string(), (*q, status.to_string()))).collect()
 }
 
-/// The invariants of design.md, once everything has settled: stock adds up and nothing is
+/// The invariants of docs/design.md, once everything has settled: stock adds up and nothing is
 /// reserved; no saga unfinished or stuck; no order pending; every confirmed order's items are
 /// exactly its saga's committed reservations (one per product); a rejected order holds no stock;
 /// a cancelled order's stock is back; `sold` and `reserved` are exactly the committed and reserved

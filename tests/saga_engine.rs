@@ -81,7 +81,7 @@ async fn act(conn: &mut AnyConnection, cx: Ctx<'_, Value>, step: &'static str) -
     }
     count_run(conn, cx.saga_id, step, "action").await?;
     let detail = match step {
-        // Reads an earlier step's output from the log (design rule 6).
+        // Reads an earlier step's output from the log (docs/design.md, rule 6).
         "record" => Some(
             cx.output(RESERVE)?["n"]
                 .as_i64()

@@ -45,9 +45,10 @@ impl Plan {
         Self { record: changes, failures: Vec::new(), faults: Vec::new(), lose_answer: false }
     }
 
-    /// A retried failure waits for its backoff: no step runs after it.
+    /// No step runs after a retried failure, which waits for its backoff, nor after the turn
+    /// backward, which is written before the first compensation acts on it.
     fn runs_steps(&self) -> bool {
-        !self.record.iter().any(backs_off)
+        !self.record.iter().any(|c| backs_off(c) || matches!(c, Change::Compensating { .. }))
     }
 }
 
@@ -162,7 +163,7 @@ async fn run(
         Ok(())
     };
     let runs_steps = plan.runs_steps();
-    let mut backoff = !runs_steps;
+    let mut backoff = plan.record.iter().any(backs_off);
     for change in plan.record {
         apply(&mut next, change)?;
     }

@@ -202,7 +202,7 @@ where
     }
 }
 
-/// Checks the stock invariant of design.md for every product: available + reserved + sold =
+/// Checks the stock invariant of docs/design.md for every product: available + reserved + sold =
 /// `added` (stock ever added), none negative, and (when `settled`) nothing reserved.
 pub async fn assert_stock_invariants(app: &TestApp, added: &[(&str, i64)], settled: bool) {
     for (id, total) in added {
