@@ -109,12 +109,7 @@ fn str_of<'a>(value: &'a Value, key: &str) -> &'a str {
 
 /// Each product's (available, reserved, sold).
 async fn stock(app: &TestApp) -> Vec<(i64, i64, i64)> {
-    let mut stock = Vec::new();
-    for (id, _) in STOCK {
-        let p = app.state.inventory.get(id).await.unwrap();
-        stock.push((p.available, p.reserved, p.sold));
-    }
-    stock
+    stock_levels(app, &STOCK).await
 }
 
 /// Stock when the test order holds nothing.

@@ -155,12 +155,7 @@ fn permanent() -> Fault {
 
 /// Each product's (available, reserved, sold).
 async fn stock(app: &TestApp) -> Vec<(i64, i64, i64)> {
-    let mut stock = Vec::new();
-    for (id, _) in STOCK {
-        let p = app.state.inventory.get(id).await.unwrap();
-        stock.push((p.available, p.reserved, p.sold));
-    }
-    stock
+    stock_levels(app, &STOCK).await
 }
 
 /// The reservations of one place_order saga: product -> (quantity, status).

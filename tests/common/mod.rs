@@ -216,3 +216,13 @@ pub async fn assert_stock_invariants(app: &TestApp, added: &[(&str, i64)], settl
         }
     }
 }
+
+/// The (available, reserved, sold) of each product of `products` (id, stock added).
+pub async fn stock_levels(app: &TestApp, products: &[(&str, i64)]) -> Vec<(i64, i64, i64)> {
+    let mut stock = Vec::new();
+    for (id, _) in products {
+        let p = app.state.inventory.get(id).await.unwrap();
+        stock.push((p.available, p.reserved, p.sold));
+    }
+    stock
+}
