@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::db::{Db, DbError, PoolSettings, normalize_url};
 use crate::http::{self, AppState, HttpConfig};
 use crate::inventory::Inventory;
+use crate::metrics::Metrics;
 use crate::orders::{self, Orders};
 use crate::saga::{Engine, EngineConfig, FaultInjector};
 
@@ -43,11 +44,13 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
     if inv_url != log_url {
         databases.push(inventory_db.clone());
     }
+    let metrics = config.metrics.then(|| Arc::new(Metrics::new()));
     let engine_config = EngineConfig {
         lease: Duration::from_millis(config.lease_ms),
         recovery_interval: Duration::from_millis(config.recovery_interval_ms),
         deadline: Duration::from_millis(config.saga_deadline_ms),
         stuck_after_attempts: config.stuck_after_attempts,
+        metrics: metrics.clone(),
         ..EngineConfig::default()
     };
     let engine = Engine::new(
@@ -60,7 +63,7 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
     engine.start_background();
     let inventory = Inventory::new(inventory_db);
     let orders = Orders::new(engine.clone(), inventory.clone(), config.order_wait());
-    let state = AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases };
+    let state = AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics };
     let http_config = HttpConfig {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         cors_allow_origins: config.cors_allow_origins.clone(),

@@ -56,6 +56,9 @@ pub struct Config {
     /// Comma-separated origins browsers may call from (`*` for any); none by default.
     #[arg(long, env = "CORS_ALLOW_ORIGINS", value_delimiter = ',')]
     pub cors_allow_origins: Vec<String>,
+    /// Whether to record metrics and serve them at `GET /metrics` (`false` turns both off).
+    #[arg(long, env = "METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
     /// Log filter, in tracing's EnvFilter syntax.
     #[arg(long = "rust-log", env = "RUST_LOG", default_value = "info")]
     pub rust_log: String,

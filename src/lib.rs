@@ -43,6 +43,8 @@ pub mod idempotency;
 pub mod insert;
 /// The inventory participant: products, stock and reservations.
 pub mod inventory;
+/// The service's metrics, in the Prometheus text format.
+pub mod metrics;
 /// Embedded per-backend migrations.
 pub mod migrate;
 /// The order sagas and the order service.

@@ -7,7 +7,8 @@ pub mod problem;
 pub mod products;
 pub mod sagas;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
@@ -23,6 +24,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::db::Db;
 use crate::inventory::Inventory;
+use crate::metrics::{DbLabels, HttpLabels, Metrics};
 use crate::orders::Orders;
 use crate::saga::Engine;
 use problem::Problem;
@@ -47,6 +49,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
     ("/openapi.yaml", &["get"]),
+    ("/metrics", &["get"]),
 ];
 
 /// What every handler can reach.
@@ -58,8 +61,10 @@ pub struct AppState {
     pub inventory: Inventory,
     /// The saga engine, for `/sagas`.
     pub engine: Engine,
-    /// Every configured database, for `/readyz`.
+    /// Every configured database, for `/readyz` and the pool gauges: the log database first.
     pub databases: Vec<Db>,
+    /// The metrics, unless `METRICS=false`.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// HTTP settings.
@@ -87,12 +92,14 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))
+        .route("/metrics", get(metrics))
         .fallback(|| async { Problem::for_status(StatusCode::NOT_FOUND) })
-        .with_state(state)
+        .with_state(state.clone())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
         .layer(middleware::map_response(problem::problem_for_bare_errors))
+        .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -162,4 +169,73 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// `GET /openapi.yaml`: the API description.
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
+}
+
+/// `GET /metrics`: every series in the Prometheus text format; 404 with `METRICS=false`.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(metrics) = &state.metrics else { return Problem::for_status(StatusCode::NOT_FOUND).into_response() };
+    for (db, database) in state.databases.iter().zip(["log", "inventory"]) {
+        let idle = db.pool.num_idle() as i64;
+        let used = i64::from(db.pool.size()) - idle;
+        metrics.db_connections.get_or_create(&DbLabels { database, state: "idle" }).set(idle);
+        metrics.db_connections.get_or_create(&DbLabels { database, state: "used" }).set(used.max(0));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.encode()).into_response()
+}
+
+/// Times every request into `http_server_request_duration_seconds`, labelled by its route
+/// template (never the raw path) and a method from a fixed list.
+async fn measure(State(metrics): State<Option<Arc<Metrics>>>, request: Request, next: Next) -> Response {
+    let Some(metrics) = metrics else { return next.run(request).await };
+    let method = known_method(request.method());
+    let route = route_of(request.uri().path());
+    let began = Instant::now();
+    let response = next.run(request).await;
+    let labels = HttpLabels { method, route, status: response.status().as_u16() };
+    metrics.http_duration.get_or_create(&labels).observe(began.elapsed().as_secs_f64());
+    response
+}
+
+/// The method's name if the API knows it, else `other`.
+fn known_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// The route template of [`ROUTES`] that `path` matches (`{...}` matches any one segment), or
+/// `unmatched`.
+pub fn route_of(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.split('/').collect();
+    ROUTES
+        .iter()
+        .map(|(template, _)| *template)
+        .find(|template| {
+            let parts: Vec<&str> = template.split('/').collect();
+            parts.len() == segments.len()
+                && parts.iter().zip(&segments).all(|(p, s)| (p.starts_with('{') && !s.is_empty()) || p == s)
+        })
+        .unwrap_or("unmatched")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_of;
+
+    #[test]
+    fn requests_are_labelled_by_their_route_template() {
+        assert_eq!(route_of("/orders"), "/orders");
+        assert_eq!(route_of("/orders/01a2/cancel"), "/orders/{id}/cancel");
+        assert_eq!(route_of("/sagas/x"), "/sagas/{id}");
+        assert_eq!(route_of("/orders/"), "unmatched");
+        assert_eq!(route_of("/nope/1/2/3"), "unmatched");
+        assert_eq!(route_of("/metrics"), "/metrics");
+    }
 }

@@ -12,6 +12,7 @@
 //! exactly as a process dying mid-transaction would.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::Value;
 use sqlx::{AnyConnection, Connection};
@@ -23,6 +24,7 @@ use super::fault::Fault;
 use super::log::{self, LogError, NewEvent, SagaRecord};
 use super::state::{Change, Phase};
 use crate::db::now_ms;
+use crate::metrics::OutcomeLabels;
 
 /// What one log transaction is to do.
 #[derive(Debug, Clone)]
@@ -92,6 +94,13 @@ impl Driver<'_> {
         loop {
             let error = match self.transaction(def, saga, plan.clone()).await {
                 Ok(done) if !done.lose_answer => {
+                    if let Some(metrics) = self.inner.metrics()
+                        && done.next.state.is_final()
+                        && !saga.state.is_final()
+                    {
+                        let outcome = done.next.state.as_str();
+                        metrics.sagas_finished.get_or_create(&OutcomeLabels { kind: def.kind, outcome }).inc();
+                    }
                     *saga = done.next;
                     if done.crash_after {
                         return Err(Halt::Crash);
@@ -178,7 +187,7 @@ async fn run(
         if let Some((_, error)) = plan.failures.iter().find(|(at, _)| *at == run) {
             // The failure's events end the transaction: a retry waits for its backoff, and a
             // turn backward is written before the first compensation acts on it.
-            let changes = failure(&inner.config, def, &next, index, phase, error.clone());
+            let changes = failure(inner, def, &next, index, phase, error.clone());
             backoff = changes.iter().any(backs_off);
             for change in changes {
                 apply(&mut next, change)?;
@@ -205,7 +214,10 @@ async fn run(
         let ctx = context(&next);
         let mut output = Value::Null;
         for _ in 0..if matches!(fault, Some(Fault::RunTwice)) { 2 } else { 1 } {
-            match function(conn, &ctx).await {
+            let began = Instant::now();
+            let ran = function(conn, &ctx).await;
+            inner.step_took(def, step, phase, began.elapsed());
+            match ran {
                 Ok(value) => output = value,
                 Err(error) => return Err(Stop::Failed { at: run, error, faults }),
             }

@@ -21,6 +21,7 @@ use super::log::{self, SagaRecord, SagaState};
 use crate::db::{Backend, Db, is_unique_violation, now_ms};
 use crate::group_commit::GroupCommit;
 use crate::insert::{self, Insert};
+use crate::metrics::{KindLabels, Metrics};
 use crate::sql::Sql;
 
 /// Timing and limits of the engine.
@@ -42,6 +43,8 @@ pub struct EngineConfig {
     pub backoff_cap: Duration,
     /// Most sagas the recovery loop drives at once.
     pub max_recovering: usize,
+    /// Where the engine reports what it does; `None` records nothing.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             backoff_base: Duration::from_millis(10),
             backoff_cap: Duration::from_secs(2),
             max_recovering: 256,
+            metrics: None,
         }
     }
 }
@@ -149,6 +153,18 @@ impl Inner {
     /// transaction (docs/design.md, rule 4).
     pub(super) fn in_log(&self, step: &Step) -> bool {
         self.participants[step.participant].url == self.log.url
+    }
+
+    /// The metrics, if the engine reports any.
+    pub(super) fn metrics(&self) -> Option<&Metrics> {
+        self.config.metrics.as_deref()
+    }
+
+    /// Records how long an attempt of `phase` of `step` took.
+    pub(super) fn step_took(&self, def: &SagaDefinition, step: &Step, phase: Phase, took: Duration) {
+        if let Some(metrics) = self.metrics() {
+            metrics.step_took(def.kind, step.name, phase.as_str(), took);
+        }
     }
 
     /// The injected fault, if any, for attempt `attempt` of `phase` of `step`.
@@ -297,7 +313,11 @@ impl Engine {
         };
         // The connection is worth keeping only if the saga's first step runs in the log database;
         // held across a step elsewhere, it would sit idle while others wait for one.
-        let first_in_log = self.definition(&ahead.record.kind, ahead.record.version).and_then(|def| def.steps.first());
+        let def = self.definition(&ahead.record.kind, ahead.record.version);
+        if let (Some(metrics), Some(def)) = (self.inner.metrics(), def) {
+            metrics.sagas_started.get_or_create(&KindLabels { kind: def.kind }).inc();
+        }
+        let first_in_log = def.and_then(|def| def.steps.first());
         let conn = conn.filter(|_| first_in_log.is_some_and(|step| self.inner.in_log(step)));
         self.launch(ahead.record, conn);
         Ok(())

@@ -19,6 +19,7 @@ use super::fault::Fault;
 use super::log::{self, SagaRecord, SagaState};
 use super::state::{Change, IllegalTransition, Phase};
 use crate::db::now_ms;
+use crate::metrics::FailureLabels;
 
 /// Why the driving of a saga stopped before it settled.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,7 @@ impl<'a> Driver<'a> {
         let runs = if matches!(fault, Some(Fault::RunTwice)) { 2 } else { 1 };
         let mut output = Value::Null;
         for _ in 0..runs {
+            let began = std::time::Instant::now();
             let ran: Result<Value, StepError> = async {
                 let mut conn = db.pool.acquire().await?;
                 let mut tx = conn.begin().await?;
@@ -156,6 +158,7 @@ impl<'a> Driver<'a> {
                 Ok(output)
             }
             .await;
+            self.inner.step_took(def, step, phase, began.elapsed());
             match ran {
                 Ok(value) => output = value,
                 Err(error) => return self.failed(def, saga, index, phase, error).await,
@@ -183,7 +186,7 @@ impl<'a> Driver<'a> {
         phase: Phase,
         error: StepError,
     ) -> Result<(), Halt> {
-        let changes = failure(&self.inner.config, def, saga, index, phase, error);
+        let changes = failure(self.inner, def, saga, index, phase, error);
         self.local(def, saga, Plan::recording(changes)).await
     }
 
@@ -256,7 +259,7 @@ fn normalize(def: &SagaDefinition, saga: &mut SagaRecord) {
 /// pivot a permanent failure of an action turns the saga backward; anything else is retried,
 /// and past `STUCK_AFTER_ATTEMPTS` flags the saga stuck. A compensation never gives up.
 pub(super) fn failure(
-    config: &super::EngineConfig,
+    inner: &Inner,
     def: &SagaDefinition,
     saga: &SagaRecord,
     index: usize,
@@ -264,6 +267,11 @@ pub(super) fn failure(
     error: StepError,
 ) -> Vec<Change> {
     let name = def.steps[index].name;
+    if let Some(metrics) = inner.metrics() {
+        let error = if matches!(error, StepError::Permanent { .. }) { "permanent" } else { "transient" };
+        let labels = FailureLabels { kind: def.kind, step: name, phase: phase.as_str(), error };
+        metrics.step_failures.get_or_create(&labels).inc();
+    }
     match (phase, error) {
         (Phase::Action, StepError::Permanent { code, detail, extra }) if !def.shape().past_pivot(index) => {
             let error = format!("{code}: {detail}");
@@ -285,7 +293,7 @@ pub(super) fn failure(
                 Phase::Action => Change::Failed { step: index, error, retried: true },
                 Phase::Compensation => Change::CompensationFailed { step: index, error },
             }];
-            if attempts >= config.stuck_after_attempts && !saga.stuck {
+            if attempts >= inner.config.stuck_after_attempts && !saga.stuck {
                 changes.push(Change::Stuck { step: index, attempts });
             }
             changes

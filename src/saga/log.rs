@@ -317,7 +317,8 @@ pub async fn list(db: &Db, filter: &SagaFilter) -> Result<Vec<SagaRecord>, sqlx:
 
 /// Claims up to `limit` unfinished sagas whose lease has expired, among the (kind, version)
 /// pairs in `known` (an instance never takes a saga it cannot run): takes ownership and bumps
-/// the generation, so that any earlier owner's log writes fail. Returns (id, generation) pairs.
+/// the generation, so that any earlier owner's log writes fail. Returns each claimed saga's
+/// (id, generation, kind).
 pub async fn claim_expired(
     db: &Db,
     owner: &str,
@@ -325,7 +326,7 @@ pub async fn claim_expired(
     lease_until: i64,
     limit: i64,
     known: &[(&str, i64)],
-) -> Result<Vec<(String, i64)>, sqlx::Error> {
+) -> Result<Vec<(String, i64, String)>, sqlx::Error> {
     if known.is_empty() {
         return Ok(Vec::new());
     }
@@ -350,10 +351,21 @@ pub async fn claim_expired(
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
         })
-        .push(") RETURNING id, generation");
+        .push(") RETURNING id, generation, kind");
     let query = sql.query();
     let rows = query.fetch_all(&db.pool).await?;
-    rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("generation")?))).collect()
+    rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("generation")?, r.try_get("kind")?))).collect()
+}
+
+/// Unfinished sagas by kind: (kind, how many, how many of them stuck).
+pub async fn unfinished_by_kind(db: &Db) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT kind, COUNT(*) AS n, CAST(COALESCE(SUM(stuck), 0) AS BIGINT) AS stuck FROM sagas \
+         WHERE state IN ('running', 'compensating') GROUP BY kind",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get("kind")?, r.try_get("n")?, r.try_get("stuck")?))).collect()
 }
 
 /// Extends the leases `owner` holds on the sagas in `ids` (the ones it is driving): one write

@@ -7,9 +7,34 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::coordinator::Engine;
+use super::coordinator::{Engine, Inner};
 use super::log;
 use crate::db::now_ms;
+use crate::metrics::KindLabels;
+
+/// How often the gauges of the log (unfinished and stuck sagas) are read.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reads the unfinished and stuck sagas of every kind this build knows from the log: the same
+/// values on every instance, so they are aggregated with `max`.
+async fn refresh_gauges(inner: &Inner) {
+    let Some(metrics) = inner.metrics() else { return };
+    let counts = match log::unfinished_by_kind(&inner.log).await {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::warn!(%error, "could not read the saga gauges");
+            return;
+        }
+    };
+    let mut kinds: Vec<&'static str> = inner.definitions.keys().map(|(kind, _)| *kind).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    for kind in kinds {
+        let (n, stuck) = counts.iter().find(|(k, _, _)| k == kind).map_or((0, 0), |(_, n, s)| (*n, *s));
+        metrics.sagas_in_flight.get_or_create(&KindLabels { kind }).set(n);
+        metrics.sagas_stuck.get_or_create(&KindLabels { kind }).set(stuck);
+    }
+}
 
 impl Engine {
     /// Starts the recovery loop and the lease heartbeat. Recovery runs at once, then every
@@ -59,6 +84,21 @@ impl Engine {
             }
         });
         self.inner.background.lock().unwrap().extend([recovery, heartbeat]);
+        if self.inner.metrics().is_some() {
+            let weak = Arc::downgrade(&self.inner);
+            let gauges = tokio::spawn(async move {
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.shutdown.is_cancelled() {
+                        return;
+                    }
+                    refresh_gauges(&inner).await;
+                    drop(inner);
+                    tokio::time::sleep(GAUGE_INTERVAL).await;
+                }
+            });
+            self.inner.background.lock().unwrap().push(gauges);
+        }
     }
 
     /// One recovery pass: claims unfinished sagas whose lease has expired and drives each.
@@ -74,8 +114,11 @@ impl Engine {
         let known: Vec<(&str, i64)> = inner.definitions.keys().copied().collect();
         let claimed =
             log::claim_expired(&inner.log, &inner.config.instance_id, now, until, room as i64, &known).await?;
-        for (id, generation) in &claimed {
+        for (id, generation, kind) in &claimed {
             tracing::info!(saga_id = %id, generation, "resuming saga from the log");
+            if let (Some(metrics), Some(kind)) = (inner.metrics(), known.iter().find(|(k, _)| *k == kind.as_str())) {
+                metrics.sagas_recovered.get_or_create(&KindLabels { kind: kind.0 }).inc();
+            }
             self.spawn_driver(id.clone(), *generation, None, None, true);
         }
         Ok(claimed.len())
