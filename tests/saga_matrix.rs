@@ -228,7 +228,8 @@ async fn finish(app: TestApp, first: Option<TestApp>) {
     }
 }
 
-/// The index of each step before which the saga can still turn backward.
+/// True when a permanent failure of step `index` still turns the saga backward (it is not past
+/// the pivot).
 fn compensable_before_pivot(def: &SagaDefinition, index: usize) -> bool {
     !def.shape().past_pivot(index)
 }

@@ -263,11 +263,6 @@ impl SagaDefinition {
     pub fn pivot_index(&self) -> Option<usize> {
         self.shape.pivot()
     }
-
-    /// The index of the step called `name`.
-    pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.steps.iter().position(|s| s.name == name)
-    }
 }
 
 /// A definition being built: [`SagaDefinition::of`], then each step in order, then
