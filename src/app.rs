@@ -50,6 +50,8 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
         recovery_interval: Duration::from_millis(config.recovery_interval_ms),
         deadline: Duration::from_millis(config.saga_deadline_ms),
         stuck_after_attempts: config.stuck_after_attempts,
+        backoff_base: Duration::from_millis(config.backoff_base_ms),
+        backoff_cap: Duration::from_millis(config.backoff_cap_ms),
         metrics: metrics.clone(),
         ..EngineConfig::default()
     };

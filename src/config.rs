@@ -38,6 +38,12 @@ pub struct Config {
     /// Failed attempts of one step after which its saga is flagged stuck.
     #[arg(long, env = "STUCK_AFTER_ATTEMPTS", default_value_t = 10)]
     pub stuck_after_attempts: u32,
+    /// The wait after a step's first failed attempt; it doubles with each attempt after that.
+    #[arg(long, env = "BACKOFF_BASE_MS", default_value_t = 10)]
+    pub backoff_base_ms: u64,
+    /// The longest wait between two attempts of a failing step.
+    #[arg(long, env = "BACKOFF_CAP_MS", default_value_t = 2000)]
+    pub backoff_cap_ms: u64,
     /// How long idempotency records are kept.
     #[arg(long, env = "IDEMPOTENCY_TTL_SECS", default_value_t = 86400)]
     pub idempotency_ttl_secs: u64,
@@ -75,6 +81,9 @@ impl Config {
                 "REQUEST_TIMEOUT_MS ({}) must be greater than ORDER_WAIT_MS ({})",
                 self.request_timeout_ms, self.order_wait_ms
             ));
+        }
+        if self.backoff_cap_ms == 0 {
+            return Err("BACKOFF_CAP_MS must be at least 1".into());
         }
         if self.lease_ms < 30 {
             return Err("LEASE_MS must be at least 30".into());

@@ -20,18 +20,21 @@ pub enum FailureCode {
     OrderNotPending,
     /// cancel found the order no longer confirmed.
     OrderNotCancellable,
+    /// An operator aborted the saga before its pivot.
+    Aborted,
     /// A code this build does not know (from a test's injected failure, or a newer release).
     Other(String),
 }
 
 impl FailureCode {
-    const KNOWN: [FailureCode; 6] = [
+    const KNOWN: [FailureCode; 7] = [
         FailureCode::InsufficientStock,
         FailureCode::UnknownProduct,
         FailureCode::ValidationFailed,
         FailureCode::DeadlineExceeded,
         FailureCode::OrderNotPending,
         FailureCode::OrderNotCancellable,
+        FailureCode::Aborted,
     ];
 
     /// The stored and answered code.
@@ -43,6 +46,7 @@ impl FailureCode {
             FailureCode::DeadlineExceeded => crate::saga::DEADLINE_EXCEEDED,
             FailureCode::OrderNotPending => "order_not_pending",
             FailureCode::OrderNotCancellable => "order_not_cancellable",
+            FailureCode::Aborted => crate::saga::ABORTED,
             FailureCode::Other(code) => code,
         }
     }
@@ -106,6 +110,9 @@ pub enum Error {
     /// A query failed for another reason than the database being away: a bug.
     #[error("a database query failed")]
     Database(#[source] sqlx::Error),
+    /// An operator action was refused.
+    #[error(transparent)]
+    Control(#[from] crate::saga::ControlError),
     /// The saga engine refused a request: a bug.
     #[error("the saga engine refused")]
     Engine(#[from] crate::saga::EngineError),

@@ -1802,3 +1802,159 @@ async fn answers_lost_at_commit_leave_nothing_pending() {
     let told = load.told.lock().unwrap().clone();
     check_told(&orders, &told, true);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Operator controls during an outage of the inventory server.
+// ---------------------------------------------------------------------------------------------
+
+/// Sends one request to `base` and returns its status and JSON body.
+async fn call(client: &reqwest::Client, method: Method, url: String, body: Option<&Value>) -> (u16, Value) {
+    let mut request = client.request(method, url);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("the service answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls saga `id` at `base` until `done` holds, for up to `cap`.
+async fn poll_saga(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    cap: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + cap;
+    loop {
+        let (status, saga) = call(client, Method::GET, format!("{base}/sagas/{id}"), None).await;
+        if status == 200 && done(&saga) {
+            return saga;
+        }
+        assert!(Instant::now() < deadline, "saga {id} did not get there within {cap:?}: {saga}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The (event, actor, reason) of each operator event in a saga's history.
+fn operator_events(saga: &Value) -> Vec<(String, String, String)> {
+    saga["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"].as_str().is_some_and(|k| k.starts_with("operator_")))
+        .map(|e| {
+            let detail: Value = serde_json::from_str(e["detail"].as_str().unwrap()).unwrap();
+            let field = |name: &str| detail[name].as_str().unwrap().to_string();
+            (e["event"].as_str().unwrap().to_string(), field("actor"), field("reason"))
+        })
+        .collect()
+}
+
+/// Two instances on two PostgreSQL servers; the inventory server is stopped. A new order sticks
+/// before its pivot and is aborted; a cancel sticks after its pivot. Once the server is back,
+/// the aborted saga ends compensated (its order `rejected`, `aborted`), and a retry sent to the
+/// instance that does not drive the cancel finishes it at once, where its own driver would
+/// still wait out a backoff of 30 s or more.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs two PostgreSQL servers and the inventory cluster to stop (TEST_INVENTORY_PG_CLUSTER)"]
+async fn operator_controls_during_an_inventory_outage() {
+    require_env(
+        "operator_controls_during_an_inventory_outage",
+        &["TEST_DATABASE_URL", "TEST_INVENTORY_DATABASE_URL", "TEST_INVENTORY_PG_CLUSTER"],
+    );
+    let _lock = inventory_server_lock(true).await;
+    let cluster = Cluster::from_env();
+    tokio::task::block_in_place(|| cluster.start());
+    let dbs = common::fresh_databases().await;
+    assert!(dbs.inventory_url.as_deref().is_some_and(|u| u.starts_with("postgres")), "two PostgreSQL servers");
+    let shared = [("SAGA_DEADLINE_MS", "600000".to_string()), ("STUCK_AFTER_ATTEMPTS", "1".to_string())];
+    // `quick` retries within a second; `slow` waits 30 to 60 s after a failed attempt.
+    let mut quick = Instance::new("quick", &dbs, &[&shared[..], &[("BACKOFF_CAP_MS", "500".to_string())]].concat());
+    let slow_backoff = [("BACKOFF_BASE_MS", "60000".to_string()), ("BACKOFF_CAP_MS", "120000".to_string())];
+    let mut slow = Instance::new("slow", &dbs, &[&shared[..], &slow_backoff[..]].concat());
+    quick.start().await;
+    slow.start().await;
+    let (quick_base, slow_base) = (quick.base(), slow.base());
+    let client = checker();
+    let product = &PLENTY[0];
+    create_products(&quick_base, &[*product]).await;
+    let line = json!([{"product_id": product.id, "quantity": 2}]);
+    let (status, confirmed) =
+        call(&client, Method::POST, format!("{slow_base}/orders"), Some(&json!({"customer_id": "c1", "items": line})))
+            .await;
+    assert_eq!(status, 201, "{confirmed}");
+    let confirmed_id = confirmed["id"].as_str().unwrap().to_string();
+
+    tokio::task::block_in_place(|| cluster.stop());
+
+    // Stuck before its pivot: reserve_stock cannot reach the inventory.
+    let response = client
+        .post(format!("{quick_base}/orders"))
+        .header("Prefer", "respond-async")
+        .json(&json!({"customer_id": "c2", "items": line}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let pending: Value = response.json().await.unwrap();
+    let (pending_id, place_saga) =
+        (pending["id"].as_str().unwrap().to_string(), pending["saga_id"].as_str().unwrap().to_string());
+    poll_saga(&client, &quick_base, &place_saga, Duration::from_secs(20), |s| s["stuck"] == true).await;
+
+    // Stuck after its pivot: the cancel commits in the orders database, return_stock cannot.
+    let (status, body) = call(&client, Method::POST, format!("{slow_base}/orders/{confirmed_id}/cancel"), None).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("cancelled")), "{body}");
+    let cancel_saga = body["cancel_saga_id"].as_str().unwrap().to_string();
+    poll_saga(&client, &slow_base, &cancel_saga, Duration::from_secs(20), |s| s["stuck"] == true).await;
+
+    let by = |reason: &str| json!({"actor": "oncall@shop", "reason": reason});
+    let (status, body) =
+        call(&client, Method::POST, format!("{quick_base}/sagas/{cancel_saga}/abort"), Some(&by("no"))).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("saga_past_pivot")), "{body}");
+    let (status, body) =
+        call(&client, Method::POST, format!("{quick_base}/sagas/{place_saga}/abort"), Some(&by("inventory outage")))
+            .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "compensating", "{body}");
+
+    tokio::task::block_in_place(|| cluster.start());
+
+    let aborted =
+        poll_saga(&client, &slow_base, &place_saga, Duration::from_secs(30), |s| s["state"] == "compensated").await;
+    assert_eq!(
+        operator_events(&aborted),
+        [("operator_abort".to_string(), "oncall@shop".to_string(), "inventory outage".to_string())]
+    );
+    let (_, order) = call(&client, Method::GET, format!("{slow_base}/orders/{pending_id}"), None).await;
+    assert_eq!(
+        (order["status"].as_str(), order["failure"]["code"].as_str()),
+        (Some("rejected"), Some("aborted")),
+        "{order}"
+    );
+
+    // The cancel's own driver (on `slow`) sits in a backoff of 30 s or more: the retry, sent to
+    // the other instance, attempts return_stock now.
+    let (status, body) =
+        call(&client, Method::POST, format!("{quick_base}/sagas/{cancel_saga}/retry"), Some(&by("inventory is back")))
+            .await;
+    assert_eq!(status, 200, "{body}");
+    let finished =
+        poll_saga(&client, &quick_base, &cancel_saga, Duration::from_secs(20), |s| s["state"] == "completed").await;
+    assert_eq!(
+        operator_events(&finished),
+        [("operator_retry".to_string(), "oncall@shop".to_string(), "inventory is back".to_string())],
+        "the refused abort wrote nothing"
+    );
+    let (status, body) =
+        call(&client, Method::POST, format!("{quick_base}/sagas/{cancel_saga}/retry"), Some(&by("again"))).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("saga_finished")), "{body}");
+    let (_, stock) = call(&client, Method::GET, format!("{quick_base}/products/{}", product.id), None).await;
+    assert_eq!(
+        (stock["available"].as_i64(), stock["reserved"].as_i64(), stock["sold"].as_i64()),
+        (Some(product.stock), Some(0), Some(0)),
+        "both orders gave their stock back: {stock}"
+    );
+    assert!(quick.running() && slow.running(), "an instance died");
+}

@@ -2,9 +2,11 @@
 //! scrape parses with a Prometheus text parser, and no label carries an id or a raw path.
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use order_saga::saga::{Fault, FaultPlan, Phase, StepError};
 
 /// One sample of a scrape: its name, labels and value.
 #[derive(Debug)]
@@ -117,7 +119,13 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_after_a_known_set_of_orders() {
-    let app = spawn_app().await;
+    let dbs = fresh_databases().await;
+    let mut config = config(&dbs);
+    // A failed attempt waits long enough for the test to abort its saga.
+    config.backoff_base_ms = 120_000;
+    config.backoff_cap_ms = 120_000;
+    let faults = Arc::new(FaultPlan::new());
+    let app = spawn_app_with(config, Some(faults.clone())).await;
     app.create_product("m-a", 100, 10).await;
     app.create_product("m-b", 250, 1).await;
     let mut confirmed = Vec::new();
@@ -132,6 +140,29 @@ async fn counters_after_a_known_set_of_orders() {
     let id = confirmed[0]["id"].as_str().unwrap();
     let cancelled = app.client.post(app.url(&format!("/orders/{id}/cancel"))).send().await.unwrap();
     assert_eq!(cancelled.status(), 200);
+    // One aborted while its reserve_stock waits out a backoff after a transient failure.
+    faults.add("place_order", "reserve_stock", Phase::Action, Fault::Fail(StepError::transient("down")), 1);
+    let response = app
+        .client
+        .post(app.url("/orders"))
+        .header("Prefer", "respond-async")
+        .json(&order_body("m-cust", &[("m-a", 1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let aborted: serde_json::Value = response.json().await.unwrap();
+    let saga_path = format!("/sagas/{}", aborted["saga_id"].as_str().unwrap());
+    eventually(Duration::from_secs(15), "the saga waits out a backoff", || async {
+        app.get_json(&saga_path).await["attempts"] == 1
+    })
+    .await;
+    let by = serde_json::json!({"actor": "ops", "reason": "metrics test"});
+    assert_eq!(app.post(&format!("{saga_path}/abort"), &by).await.status(), 200);
+    eventually(Duration::from_secs(15), "the aborted saga compensates", || async {
+        app.get_json(&saga_path).await["state"] == "compensated"
+    })
+    .await;
     // Hostile requests share one route value and one method value.
     assert_eq!(app.get("/orders/no-such-order/nope/x").await.status(), 404);
     let brew = reqwest::Method::from_bytes(b"BREW").unwrap();
@@ -140,24 +171,30 @@ async fn counters_after_a_known_set_of_orders() {
     let (text, m) = scrape(&app).await;
     let place = [("kind", "place_order")];
     let cancel = [("kind", "cancel_order")];
-    assert_eq!(value(&m, "order_saga_sagas_started_total", &place), 5.0, "{text}");
+    assert_eq!(value(&m, "order_saga_sagas_started_total", &place), 6.0, "{text}");
     assert_eq!(value(&m, "order_saga_sagas_started_total", &cancel), 1.0, "{text}");
     let finished = "order_saga_sagas_finished_total";
     assert_eq!(value(&m, finished, &[("kind", "place_order"), ("outcome", "completed")]), 3.0, "{text}");
-    assert_eq!(value(&m, finished, &[("kind", "place_order"), ("outcome", "compensated")]), 2.0, "{text}");
+    assert_eq!(value(&m, finished, &[("kind", "place_order"), ("outcome", "compensated")]), 3.0, "{text}");
     assert_eq!(value(&m, finished, &[("kind", "cancel_order"), ("outcome", "completed")]), 1.0, "{text}");
     let failures = [("kind", "place_order"), ("step", "reserve_stock"), ("phase", "action"), ("error", "permanent")];
     assert_eq!(value(&m, "order_saga_step_failures_total", &failures), 2.0, "{text}");
+    let transient = [("kind", "place_order"), ("step", "reserve_stock"), ("phase", "action"), ("error", "transient")];
+    assert_eq!(value(&m, "order_saga_step_failures_total", &transient), 1.0, "{text}");
     assert_eq!(value(&m, "order_saga_sagas_recovered_total", &place), 0.0, "{text}");
     // Every step ran and was timed: three completed sagas passed through commit_stock, the
-    // cancel through return_stock, the five reserves (three that took stock, two that failed).
+    // cancel through return_stock, the five reserves that ran (three that took stock, two that
+    // failed; the aborted saga's injected failure never ran one), and the compensations of the
+    // two rejected sagas and of the aborted one.
     let steps = "order_saga_step_duration_seconds_count";
     let commit = [("kind", "place_order"), ("step", "commit_stock"), ("phase", "action")];
     assert_eq!(value(&m, steps, &commit), 3.0, "{text}");
     let reserve = [("kind", "place_order"), ("step", "reserve_stock"), ("phase", "action")];
     assert_eq!(value(&m, steps, &reserve), 5.0, "{text}");
     let released = [("kind", "place_order"), ("step", "reserve_stock"), ("phase", "compensation")];
-    assert_eq!(value(&m, steps, &released), 2.0, "{text}");
+    assert_eq!(value(&m, steps, &released), 3.0, "{text}");
+    let unpriced = [("kind", "place_order"), ("step", "create_order"), ("phase", "compensation")];
+    assert_eq!(value(&m, steps, &unpriced), 3.0, "{text}");
     assert_eq!(value(&m, steps, &[("kind", "cancel_order"), ("step", "return_stock")]), 1.0, "{text}");
 
     let http = "http_server_request_duration_seconds_count";
@@ -174,9 +211,10 @@ async fn counters_after_a_known_set_of_orders() {
     assert!(!text.contains("no-such-order"), "no label carries a raw path: {text}");
     assert!(value(&m, "order_saga_db_connections", &[("database", "log"), ("state", "idle")]) >= 0.0);
     assert!(text.contains("order_saga_db_connections{database=\"log\",state=\"used\"}"), "{text}");
-    let retries = [("action", "retry")];
     assert!(text.contains("order_saga_operator_actions_total{action=\"retry\"} 0"), "shown at zero: {text}");
-    assert_eq!(value(&m, "order_saga_operator_actions_total", &retries), 0.0, "{text}");
+    assert_eq!(value(&m, "order_saga_operator_actions_total", &[("action", "abort")]), 1.0, "{text}");
+    let abort = [("method", "POST"), ("route", "/sagas/{id}/abort"), ("status", "200")];
+    assert_eq!(value(&m, http, &abort), 1.0, "{text}");
 
     // The gauges are the log's: every saga has settled, so none is in flight or stuck.
     eventually(Duration::from_secs(15), "the in-flight gauges are read from the log", || async {

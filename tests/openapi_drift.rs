@@ -540,6 +540,7 @@ async fn response_schemas_declare_every_member_required() {
         "SagaPage",
         "FieldError",
         "Health",
+        "Retried",
     ] {
         let s = schema(&doc, name);
         assert_eq!(types_of(s), ["object"], "{name} is an object");
@@ -550,7 +551,8 @@ async fn response_schemas_declare_every_member_required() {
     let problem = schema(&doc, "Problem");
     let base: BTreeSet<String> = ["type", "title", "status", "detail", "code"].map(String::from).into();
     assert_eq!(string_set(&problem["required"]), base, "Problem's required members");
-    let extensions: BTreeSet<String> = ["errors", "order_id", "saga_id", "product_id"].map(String::from).into();
+    let extensions: BTreeSet<String> =
+        ["errors", "order_id", "saga_id", "product_id", "state"].map(String::from).into();
     assert_eq!(key_set(&problem["properties"]), &base | &extensions, "Problem's members");
     // A Saga is a SagaSummary with its steps and events.
     let summary = key_set(&schema(&doc, "SagaSummary")["properties"]);
@@ -765,8 +767,31 @@ async fn pending_orders_and_stuck_sagas_answer_as_the_spec_declares() {
     assert!(stuck["items"].as_array().unwrap().iter().any(|s| s["id"] == saga_id.as_str()), "{stuck}");
     assert!(!p.get_ok("/orders?status=pending").await["items"].as_array().unwrap().is_empty());
 
+    // Operator controls on the stuck sagas.
+    let by = json!({"actor": "alice@ops", "reason": "drift"});
+    let cancel_saga =
+        p.get_ok(&format!("/orders/{confirmed_id}")).await["cancel_saga_id"].as_str().unwrap().to_string();
+    let past = p.post(&format!("/sagas/{cancel_saga}/abort"), &by).await;
+    assert_eq!((past.status, past.body["code"].as_str()), (409, Some("saga_past_pivot")), "{}", past.body);
+    let retried = p.post(&format!("/sagas/{cancel_saga}/retry"), &by).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    let bulk = p.post("/sagas/retry?kind=cancel_order&stuck=true", &by).await;
+    assert_eq!((bulk.status, bulk.body["retried"].as_i64()), (200, Some(1)), "{}", bulk.body);
+    let aborted = p.post(&format!("/sagas/{saga_id}/abort"), &by).await;
+    assert_eq!(aborted.status, 200, "{}", aborted.body);
+    eventually(std::time::Duration::from_secs(20), "the aborted saga compensates", || async {
+        app.get_json(&path).await["state"] == "compensated"
+    })
+    .await;
+    let finished = p.post(&format!("/sagas/{saga_id}/retry"), &by).await;
+    assert_eq!((finished.status, finished.body["code"].as_str()), (409, Some("saga_finished")));
+    let order = p.get_ok(&format!("/orders/{pending_id}")).await;
+    assert_eq!(order["failure"]["code"], "aborted");
+    let blank = p.post("/sagas/retry", &json!({"actor": "alice@ops"})).await;
+    assert_eq!((blank.status, blank.body["code"].as_str()), (422, Some("validation_failed")));
+
     let seen = p.verify();
-    for name in ["Order", "OrderItem", "Saga", "SagaStep", "SagaEvent", "SagaSummary", "Problem"] {
+    for name in ["Order", "OrderItem", "Saga", "SagaStep", "SagaEvent", "SagaSummary", "Problem", "Retried"] {
         assert!(seen.contains(name), "no answer was checked against schema {name}; checked: {seen:?}");
     }
     let statuses = p.statuses();
@@ -963,6 +988,15 @@ async fn request_bounds_in_the_spec_are_the_ones_enforced() {
     let path = |i: usize| format!("/products/empty-{i}/restock");
     check_request_bounds(&p, &path, &mut sent, restock_example, "", restock_schema).await;
     assert!(sent <= EMPTY, "{sent} restocks need as many empty products");
+    // An operator request within bounds is taken (here refused 409: the saga has settled).
+    let saga = placed.body["saga_id"].as_str().unwrap().to_string();
+    let (operator_schema, operator_example) = request_body(&doc, "/sagas/{id}/retry", "post");
+    let mut sent = 0;
+    let path = |_| format!("/sagas/{saga}/retry");
+    check_request_bounds(&p, &path, &mut sent, operator_example, "", operator_schema).await;
+    let (_, abort_example) = request_body(&doc, "/sagas/{id}/abort", "post");
+    let (_, bulk_example) = request_body(&doc, "/sagas/retry", "post");
+    assert_eq!((abort_example, bulk_example), (operator_example, operator_example));
 
     // Query parameters: integers out of range and unknown enum values are refused, naming the
     // parameter; their bounds and every enum value are accepted.

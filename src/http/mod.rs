@@ -45,7 +45,10 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/orders/{id}", &["get"]),
     ("/orders/{id}/cancel", &["post"]),
     ("/sagas", &["get"]),
+    ("/sagas/retry", &["post"]),
     ("/sagas/{id}", &["get"]),
+    ("/sagas/{id}/retry", &["post"]),
+    ("/sagas/{id}/abort", &["post"]),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
     ("/openapi.yaml", &["get"]),
@@ -88,7 +91,10 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .route("/orders/{id}", get(orders::get))
         .route("/orders/{id}/cancel", post(orders::cancel))
         .route("/sagas", get(sagas::list))
+        .route("/sagas/retry", post(sagas::retry_matching))
         .route("/sagas/{id}", get(sagas::get))
+        .route("/sagas/{id}/retry", post(sagas::retry))
+        .route("/sagas/{id}/abort", post(sagas::abort))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))

@@ -29,6 +29,7 @@ pub fn view(o: &Order) -> Value {
         })).collect::<Vec<_>>(),
         "total_cents": o.total_cents,
         "saga_id": o.saga_id,
+        "cancel_saga_id": o.cancel_saga_id,
         "failure": o.failure.as_ref().map(|f| json!({ "code": f.code.as_str(), "detail": f.detail })),
         "created_at": rfc3339(o.created_at),
         "updated_at": rfc3339(o.updated_at),

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, FailureCode, FieldError};
+use crate::saga::ControlError;
 
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -49,6 +50,7 @@ impl Problem {
             FailureCode::UnknownProduct => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_product"),
             FailureCode::ValidationFailed => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             FailureCode::DeadlineExceeded => (StatusCode::CONFLICT, "deadline_exceeded"),
+            FailureCode::Aborted => (StatusCode::CONFLICT, "aborted"),
             FailureCode::OrderNotPending | FailureCode::OrderNotCancellable | FailureCode::Other(_) => {
                 (StatusCode::CONFLICT, "order_rejected")
             }
@@ -112,7 +114,30 @@ impl From<Error> for Problem {
                     "a database is not answering; retry shortly",
                 )
             }
+            Error::Control(error) => Problem::from(error),
             e @ (Error::Database(_) | Error::Engine(_) | Error::Task(_) | Error::Internal(_)) => {
+                tracing::error!(error = &e as &dyn std::error::Error, "internal error");
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "an unexpected error occurred")
+            }
+        }
+    }
+}
+
+impl From<ControlError> for Problem {
+    fn from(error: ControlError) -> Self {
+        let detail = error.to_string();
+        match error {
+            ControlError::NotFound(_) => Problem::new(StatusCode::NOT_FOUND, "not_found", detail),
+            ControlError::Finished(state) => {
+                Problem::new(StatusCode::CONFLICT, "saga_finished", detail).with("state", state.as_str())
+            }
+            ControlError::PastPivot => Problem::new(StatusCode::CONFLICT, "saga_past_pivot", detail),
+            ControlError::UnknownDefinition { .. } => {
+                Problem::new(StatusCode::CONFLICT, "saga_definition_unknown", detail)
+            }
+            ControlError::Busy => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "saga_busy", detail),
+            ControlError::Db(source) => Problem::from(Error::from(source)),
+            e @ ControlError::Illegal(_) => {
                 tracing::error!(error = &e as &dyn std::error::Error, "internal error");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "an unexpected error occurred")
             }

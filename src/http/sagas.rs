@@ -4,15 +4,17 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::extract;
+use super::extract::{self, Fields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
 use crate::saga::state::step_views;
-use crate::saga::{Event, SagaDefinition, SagaFilter, SagaRecord, SagaState};
+use crate::saga::{Event, Operator, SagaDefinition, SagaFilter, SagaRecord, SagaState};
 
 fn summary(s: &SagaRecord) -> Value {
     json!({
@@ -59,8 +61,13 @@ fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> V
 
 /// `GET /sagas/{id}`: the saga, its steps and its events.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    detail(&state, &id).await
+}
+
+/// The saga body: the summary, the steps and the whole history.
+async fn detail(state: &AppState, id: &str) -> ApiResult<Json<Value>> {
     let (saga, events) =
-        state.engine.saga(&id).await.map_err(Error::from)?.ok_or_else(|| Error::NotFound(format!("saga {id:?}")))?;
+        state.engine.saga(id).await.map_err(Error::from)?.ok_or_else(|| Error::NotFound(format!("saga {id:?}")))?;
     let def = state.engine.definition(&saga.kind, saga.version);
     let mut body = summary(&saga);
     body["steps"] = Value::Array(steps(&saga, def, &events));
@@ -71,6 +78,65 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
     Ok(Json(body))
 }
 
+/// `POST /sagas/{id}/retry`: the saga's current step is attempted now.
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let by = operator(&headers, &body)?;
+    state.engine.retry(&id, &by).await.map_err(Error::from)?;
+    detail(&state, &id).await
+}
+
+/// `POST /sagas/{id}/abort`: a saga short of its pivot turns backward now.
+pub async fn abort(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let by = operator(&headers, &body)?;
+    state.engine.abort(&id, &by).await.map_err(Error::from)?;
+    detail(&state, &id).await
+}
+
+/// `POST /sagas/retry?state=&kind=&stuck=`: retries every unfinished saga that matches.
+pub async fn retry_matching(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let mut errors = Vec::new();
+    let filter = filter(&params, &mut errors);
+    let by = operator(&headers, &body);
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let retried = state.engine.retry_matching(&filter, &by?).await.map_err(Error::from)?;
+    Ok(Json(json!({ "retried": retried })))
+}
+
+/// Who asks for an operator action and why, from the body `{"actor", "reason"}`.
+fn operator(headers: &HeaderMap, body: &Bytes) -> ApiResult<Operator> {
+    let object = extract::json_object(headers, body)?;
+    let mut errors = Vec::new();
+    let mut fields = Fields::new(&object, "", &mut errors);
+    let actor = fields.string("actor", 1, 100);
+    let reason = fields.string("reason", 1, 500);
+    for (name, value) in [("actor", &actor), ("reason", &reason)] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            errors.push(FieldError::new(name, "must not be blank"));
+        }
+    }
+    match (actor, reason) {
+        (Some(actor), Some(reason)) if errors.is_empty() => Ok(Operator { actor, reason }),
+        _ => Err(Problem::validation(errors)),
+    }
+}
+
 /// `GET /sagas?state=&kind=&stuck=&limit=&cursor=`: newest first.
 pub async fn list(
     State(state): State<AppState>,
@@ -78,6 +144,17 @@ pub async fn list(
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
     let limit = extract::limit(&params, &mut errors);
+    let mut filter = filter(&params, &mut errors);
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    filter.limit = limit + 1;
+    let sagas = state.engine.list(&filter).await.map_err(Error::from)?;
+    Ok(Json(extract::page(sagas, limit, summary, |s| s.id.clone())))
+}
+
+/// The `state`, `kind`, `stuck` and `cursor` filters of a saga listing.
+fn filter(params: &HashMap<String, String>, errors: &mut Vec<FieldError>) -> SagaFilter {
     let saga_state = params.get("state").and_then(|s| {
         let parsed = SagaState::parse(s);
         if parsed.is_none() {
@@ -93,16 +170,11 @@ pub async fn list(
             None
         }
     });
-    if !errors.is_empty() {
-        return Err(Problem::validation(errors));
-    }
-    let filter = SagaFilter {
+    SagaFilter {
         state: saga_state,
         kind: params.get("kind").cloned(),
         stuck,
         before: params.get("cursor").cloned(),
-        limit: limit + 1,
-    };
-    let sagas = state.engine.list(&filter).await.map_err(Error::from)?;
-    Ok(Json(extract::page(sagas, limit, summary, |s| s.id.clone())))
+        limit: 0,
+    }
 }

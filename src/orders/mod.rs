@@ -15,7 +15,7 @@ pub use crate::error::FailureCode;
 use crate::error::{Error, FieldError, Result};
 use crate::idempotency::{self, KeyRecord};
 use crate::inventory::{Inventory, Line, MAX_SAFE_INTEGER};
-use crate::saga::{Engine, StartError};
+use crate::saga::{Engine, SagaState, StartError};
 use cancel_order::CancelOrderInput;
 use place_order::PlaceOrderInput;
 pub use store::{Failure, Order, OrderItem, OrderStatus};
@@ -185,8 +185,12 @@ impl Orders {
     pub async fn cancel(&self, id: &str) -> Result<Cancelled> {
         let order = self.get(id).await?;
         let cancel_saga_id = match (order.status, &order.cancel_saga_id) {
+            (OrderStatus::Confirmed, Some(existing)) if self.settled_without_cancelling(existing).await? => {
+                // Its cancel saga was aborted before its pivot: the order is cancellable again.
+                self.start_cancel(&order, Some(existing)).await?
+            }
             (OrderStatus::Confirmed | OrderStatus::Cancelled, Some(existing)) => existing.clone(),
-            (OrderStatus::Confirmed, None) => self.start_cancel(&order).await?,
+            (OrderStatus::Confirmed, None) => self.start_cancel(&order, None).await?,
             (status, _) => return Err(Error::OrderNotCancellable { id: id.to_string(), status }),
         };
         let settled = self.engine.wait_settled(&cancel_saga_id, self.wait).await?.is_some();
@@ -199,13 +203,19 @@ impl Orders {
         Ok(Cancelled { order, settled })
     }
 
-    /// Writes the cancel saga ahead, attached to the order so that there is only ever one: the
-    /// attachment is the write-ahead's guard.
-    async fn start_cancel(&self, order: &Order) -> Result<String> {
+    /// True if cancel saga `id` has settled backward: it never reached its pivot.
+    async fn settled_without_cancelling(&self, id: &str) -> Result<bool> {
+        let saga = self.engine.saga(id).await?;
+        Ok(saga.is_some_and(|(saga, _)| saga.state == SagaState::Compensated))
+    }
+
+    /// Writes the cancel saga ahead, attached to the order so that there is only ever one
+    /// running: the attachment (in place of `replacing`, if given) is the write-ahead's guard.
+    async fn start_cancel(&self, order: &Order, replacing: Option<&str>) -> Result<String> {
         let saga_id = uuid::Uuid::now_v7().to_string();
         let input = CancelOrderInput { order_id: order.id.clone(), place_saga_id: order.saga_id.clone() };
         let engine = self.engine.clone();
-        let guard = store::attach_cancel(&order.id, &saga_id, now_ms());
+        let guard = store::attach_cancel(&order.id, &saga_id, replacing, now_ms());
         let id = saga_id.clone();
         // Its own task, for the same reason as in `place`.
         let attached = tokio::spawn(async move {

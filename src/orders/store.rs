@@ -214,16 +214,21 @@ pub async fn status(conn: &mut AnyConnection, id: &str) -> Result<Option<(OrderS
     Ok(OrderStatus::parse(&status).map(|s| (s, row.try_get("updated_at").unwrap_or_default())))
 }
 
-/// The statement that attaches a cancel saga to a confirmed order that has none: the guard of
-/// the cancel saga's write-ahead, which changes no row (and so writes nothing) if the order
-/// has a cancel saga already or is not confirmed.
-pub fn attach_cancel(id: &str, cancel_saga_id: &str, now: i64) -> Sql<'static> {
+/// The statement that attaches a cancel saga to a confirmed order that has none (or has
+/// `replacing`, a cancel saga that settled without cancelling, such as an aborted one): the
+/// guard of the cancel saga's write-ahead, which changes no row (and so writes nothing) if the
+/// order has another cancel saga already or is not confirmed.
+pub fn attach_cancel(id: &str, cancel_saga_id: &str, replacing: Option<&str>, now: i64) -> Sql<'static> {
     let mut sql = Sql::new("UPDATE orders SET cancel_saga_id = ");
     sql.bind(cancel_saga_id.to_string())
         .push(", updated_at = ")
         .bind(now)
         .push(" WHERE id = ")
         .bind(id.to_string())
-        .push(" AND status = 'confirmed' AND cancel_saga_id IS NULL");
+        .push(" AND status = 'confirmed' AND ");
+    match replacing {
+        None => sql.push("cancel_saga_id IS NULL"),
+        Some(old) => sql.push("cancel_saga_id = ").bind(old.to_string()),
+    };
     sql
 }

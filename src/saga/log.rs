@@ -168,6 +168,36 @@ pub async fn record(
     events: &[NewEvent],
     now: i64,
 ) -> Result<(), LogError> {
+    if write(conn, next, None, events, now).await? { Ok(()) } else { Err(LogError::LeaseLost) }
+}
+
+/// Takes the saga over for an operator action: records `next`, whose owner, lease and (bumped)
+/// generation are the new owner's, and appends `events`, provided the row still stands where
+/// `seen` read it (same generation and next seq). The bumped generation fences the previous
+/// driver out at its next write. False when the row had moved on and nothing was written.
+pub async fn take_over(
+    conn: &mut AnyConnection,
+    seen: &SagaRecord,
+    next: &mut SagaRecord,
+    events: &[NewEvent],
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    match write(conn, next, Some(seen), events, now).await {
+        Ok(written) => Ok(written),
+        Err(LogError::Db(error)) => Err(error),
+        Err(LogError::LeaseLost) => Ok(false),
+    }
+}
+
+/// The one fenced write of a saga row and its new events: fenced by `next.generation`, or for
+/// a take-over by the generation and next seq of `seen`. False when the fence held it back.
+async fn write(
+    conn: &mut AnyConnection,
+    next: &mut SagaRecord,
+    seen: Option<&SagaRecord>,
+    events: &[NewEvent],
+    now: i64,
+) -> Result<bool, LogError> {
     let first_seq = next.next_seq;
     let outputs = serde_json::to_string(&*next.outputs).unwrap_or_else(|_| "{}".into());
     let failure = next.failure.as_ref().map(|f| f.to_string());
@@ -178,16 +208,16 @@ pub async fn record(
     let together = !events.is_empty() && Backend::of(conn) == Backend::Postgres;
     if together {
         sql.push("WITH s AS (");
-        push_update(&mut sql, next, &outputs, failure.as_deref(), events.len(), now);
+        push_update(&mut sql, next, seen, &outputs, failure.as_deref(), events.len(), now);
         sql.push(" RETURNING id) INSERT INTO saga_events (saga_id, seq, step, event, detail, at) ")
             .push("SELECT s.id, v.seq, v.step, v.event, v.detail, v.at FROM s, (VALUES ");
         push_events(&mut sql, None, first_seq, events, now);
         sql.push(") AS v (seq, step, event, detail, at)");
     } else {
-        push_update(&mut sql, next, &outputs, failure.as_deref(), events.len(), now);
+        push_update(&mut sql, next, seen, &outputs, failure.as_deref(), events.len(), now);
     }
     if sql.query().execute(&mut *conn).await?.rows_affected() == 0 {
-        return Err(LogError::LeaseLost);
+        return Ok(false);
     }
     if !together && !events.is_empty() {
         let mut insert = Sql::new("INSERT INTO saga_events (saga_id, seq, step, event, detail, at) VALUES ");
@@ -200,13 +230,15 @@ pub async fn record(
         next.owner = None;
         next.lease_expires_at = 0;
     }
-    Ok(())
+    Ok(true)
 }
 
-/// The fenced update of a saga row to `next`, with `appended` events taking the next seqs.
+/// The fenced update of a saga row to `next`, with `appended` events taking the next seqs; a
+/// take-over (`seen` set) also moves the owner, lease and generation.
 fn push_update<'a>(
     sql: &mut Sql<'a>,
     next: &'a SagaRecord,
+    seen: Option<&'a SagaRecord>,
     outputs: &'a str,
     failure: Option<&'a str>,
     appended: usize,
@@ -232,8 +264,19 @@ fn push_update<'a>(
         .bind(now);
     if next.state.is_final() {
         sql.push(", owner = NULL, lease_expires_at = 0");
+    } else if seen.is_some() {
+        sql.push(", owner = ")
+            .bind(next.owner.as_deref())
+            .push(", lease_expires_at = ")
+            .bind(next.lease_expires_at)
+            .push(", generation = ")
+            .bind(next.generation);
     }
-    sql.push(" WHERE id = ").bind(next.id.as_str()).push(" AND generation = ").bind(next.generation);
+    sql.push(" WHERE id = ").bind(next.id.as_str());
+    match seen {
+        None => sql.push(" AND generation = ").bind(next.generation),
+        Some(seen) => sql.push(" AND generation = ").bind(seen.generation).push(" AND next_seq = ").bind(seen.next_seq),
+    };
 }
 
 /// The events as rows of a VALUES list: `(saga_id, seq, step, event, detail, at)`, or without

@@ -5,6 +5,7 @@
 //! - [`state`]: the log as a state machine: event kinds, saga and step states, transitions.
 //! - [`log`]: the log's storage: `sagas` rows and `saga_events`, fenced writes, claims.
 //! - [`coordinator`]: the [`Engine`] handle: write-ahead and launch, waiting, queries.
+//! - [`control`]: operator actions (retry, abort), each a take-over fenced by the generation.
 //! - [`recovery`]: the recovery loop, the lease heartbeat, kill and graceful shutdown.
 //! - [`driver`]: one saga's task: forward and backward moves, steps in other participants,
 //!   failures, retries with backoff, resyncing from the log.
@@ -13,6 +14,7 @@
 //! - [`fault`]: error, repetition, lost-answer and crash injection for tests.
 
 mod batch;
+pub mod control;
 pub mod coordinator;
 pub mod definition;
 mod driver;
@@ -21,6 +23,7 @@ pub mod log;
 mod recovery;
 pub mod state;
 
+pub use control::{ABORTED, ControlError, MAX_BULK, Operator};
 pub use coordinator::{Engine, EngineConfig, EngineError, StartError, WriteAhead};
 pub use definition::{
     Action, Ctx, DEADLINE_EXCEEDED, LOG_PARTICIPANT, SagaDefinition, SagaKind, Step, StepContext, StepError,
@@ -29,4 +32,4 @@ pub use definition::{
 pub use driver::Halt;
 pub use fault::{Fault, FaultInjector, FaultPlan, Phase};
 pub use log::{Event, SagaFilter, SagaRecord};
-pub use state::{EventKind, IllegalTransition, SagaState, StepState, StepView};
+pub use state::{EventKind, IllegalTransition, OperatorAction, SagaState, StepState, StepView};

@@ -120,13 +120,17 @@ pub enum EventKind {
     Compensated,
     /// Every step succeeded.
     Completed,
+    /// An operator asked for the current step to be attempted now (detail: who and why).
+    OperatorRetry,
+    /// An operator aborted the saga (detail: who and why): before its pivot it turns backward.
+    OperatorAbort,
     /// A kind this build does not know, kept as stored.
     Unknown(String),
 }
 
 impl EventKind {
     /// The kinds this build writes.
-    pub const KNOWN: [EventKind; 8] = [
+    pub const KNOWN: [EventKind; 10] = [
         EventKind::Created,
         EventKind::Succeeded,
         EventKind::Failed,
@@ -135,6 +139,8 @@ impl EventKind {
         EventKind::CompensationFailed,
         EventKind::Compensated,
         EventKind::Completed,
+        EventKind::OperatorRetry,
+        EventKind::OperatorAbort,
     ];
 
     /// The stored name.
@@ -148,6 +154,8 @@ impl EventKind {
             EventKind::CompensationFailed => "compensation_failed",
             EventKind::Compensated => "compensated",
             EventKind::Completed => "completed",
+            EventKind::OperatorRetry => "operator_retry",
+            EventKind::OperatorAbort => "operator_abort",
             EventKind::Unknown(name) => name,
         }
     }
@@ -208,6 +216,12 @@ impl Shape {
     /// True once the step at `current_step` is past the pivot: the saga can only go forward.
     pub fn past_pivot(&self, current_step: usize) -> bool {
         self.pivot.is_some_and(|p| current_step > p)
+    }
+
+    /// True while a running saga at `current_step` may still turn backward: it has a step left
+    /// and has not passed its pivot.
+    pub fn abortable(&self, current_step: usize) -> bool {
+        current_step < self.names.len() && !self.past_pivot(current_step)
     }
 
     /// How many steps a saga turning backward has to undo, counting from the front: every step
@@ -327,7 +341,10 @@ pub fn next(
             Position { attempts: at.attempts.saturating_add(1), ..at }
         }
         (S::Running | S::Compensating, Some(_), K::Stuck) if on_current => Position { stuck: true, ..at },
-        (S::Running, None, K::Compensating) if at.current_step < shape.len() && !shape.past_pivot(at.current_step) => {
+        (S::Running | S::Compensating, None, K::OperatorRetry) => at,
+        (S::Running, None, K::OperatorAbort) if shape.abortable(at.current_step) => at,
+        (S::Compensating, None, K::OperatorAbort) => at,
+        (S::Running, None, K::Compensating) if shape.abortable(at.current_step) => {
             Position { state: S::Compensating, current_step: shape.undo_from(), attempts: 0, stuck: false }
         }
         (S::Compensating, Some(_), K::Compensated) if on_current => Position {
@@ -393,6 +410,42 @@ pub enum Change {
     },
     /// The saga settles: completed or compensated, as its position says.
     Settled,
+    /// An operator acted on the saga.
+    Operator {
+        /// What they asked for.
+        action: OperatorAction,
+        /// Who asked.
+        actor: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What an operator can ask of an unfinished saga (docs/design.md, "Operator actions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OperatorAction {
+    /// Attempt the current step (or compensation) now.
+    Retry,
+    /// Before the pivot, turn backward now.
+    Abort,
+}
+
+impl OperatorAction {
+    /// The name metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::Retry => "retry",
+            OperatorAction::Abort => "abort",
+        }
+    }
+
+    /// The event kind it is recorded as.
+    pub fn event(self) -> EventKind {
+        match self {
+            OperatorAction::Retry => EventKind::OperatorRetry,
+            OperatorAction::Abort => EventKind::OperatorAbort,
+        }
+    }
 }
 
 impl Change {
@@ -411,6 +464,10 @@ impl Change {
             }
             Change::Compensated { step } => (Some(*step), EventKind::Compensated, None),
             Change::Settled => (None, at.settling(shape).unwrap_or(EventKind::Completed), None),
+            Change::Operator { action, actor, reason } => {
+                let detail = serde_json::json!({ "actor": actor, "reason": reason }).to_string();
+                (None, action.event(), Some(detail))
+            }
         }
     }
 }
@@ -451,7 +508,10 @@ impl SagaRecord {
                 self.last_error = Some(error)
             }
             Change::Compensating { failure } => self.failure = Some(Arc::new(failure)),
-            Change::Failed { retried: false, .. } | Change::Stuck { .. } | Change::Settled => {}
+            Change::Failed { retried: false, .. }
+            | Change::Stuck { .. }
+            | Change::Settled
+            | Change::Operator { .. } => {}
         }
         Ok((step.map(|i| shape.name(i)), kind, detail))
     }
@@ -615,10 +675,33 @@ mod tests {
     }
 
     #[test]
+    fn operator_events_change_no_position_and_abort_only_before_the_pivot() {
+        for from in
+            [at(S::Running, 1), Position { attempts: 3, stuck: true, ..at(S::Running, 3) }, at(S::Compensating, 2)]
+        {
+            assert_eq!(go(from, None, K::OperatorRetry).unwrap(), from);
+        }
+        for step in 0..=2 {
+            assert_eq!(go(at(S::Running, step), None, K::OperatorAbort).unwrap(), at(S::Running, step));
+        }
+        assert_eq!(go(at(S::Compensating, 1), None, K::OperatorAbort).unwrap(), at(S::Compensating, 1));
+        let refused = [
+            (at(S::Running, 3), None, K::OperatorAbort),     // past the pivot
+            (at(S::Running, 4), None, K::OperatorAbort),     // no step left
+            (at(S::Completed, 4), None, K::OperatorRetry),   // final
+            (at(S::Compensated, 0), None, K::OperatorAbort), // final
+            (at(S::Running, 1), Some(1), K::OperatorRetry),  // a saga event with a step
+        ];
+        for (from, step, kind) in refused {
+            assert!(go(from, step, kind.clone()).is_err(), "{kind} at {from:?}");
+        }
+    }
+
+    #[test]
     fn an_unknown_event_kind_is_kept_and_changes_nothing() {
-        let kind = EventKind::parse("operator_retried");
-        assert_eq!(kind, K::Unknown("operator_retried".into()));
-        assert_eq!(kind.as_str(), "operator_retried");
+        let kind = EventKind::parse("operator_paused");
+        assert_eq!(kind, K::Unknown("operator_paused".into()));
+        assert_eq!(kind.as_str(), "operator_paused");
         for from in [at(S::Running, 1), at(S::Compensating, 2), at(S::Completed, 4)] {
             for step in [None, Some(1), Some(7)] {
                 let t = next(&shape(), from, step, &kind).unwrap();
