@@ -93,6 +93,8 @@ try {
     await page.waitForFunction(() => ["live", "polling"].includes(document.getElementById("conn").dataset.state), null, { timeout: WAIT });
     // Marks this page load: if the page reloaded, the mark would be gone.
     await page.evaluate(() => (window.__loadedOnce = true));
+    // Which way it keeps current (the stream, or polling without one), for the log.
+    process.stdout.write(`[${await page.locator("#conn").getAttribute("data-state")}] `);
   });
 
   let order;
@@ -132,8 +134,9 @@ try {
 
   let stuck;
   await step("a saga stuck after its pivot is listed first, flagged stuck, without a reload", async () => {
-    const placed = await api("POST", "/orders", { customer_id: "c-jam", items: [{ product_id: "jammed", quantity: 1 }] });
-    check([201, 202].includes(placed.status), `jammed order placed: ${JSON.stringify(placed.body)}`);
+    // Answered at once (202): its saga will not finish on its own.
+    const placed = await api("POST", "/orders", { customer_id: "c-jam", items: [{ product_id: "jammed", quantity: 1 }] }, { Prefer: "respond-async" });
+    check(placed.status === 202, `jammed order accepted: ${JSON.stringify(placed.body)}`);
     stuck = placed.body;
     await page.locator(`#sagas-table tbody tr:first-child[data-saga-id="${stuck.saga_id}"][data-stuck="true"]`).waitFor({ timeout: WAIT });
     await page.locator(`#sagas-table tr[data-saga-id="${stuck.saga_id}"] button[data-open]`).click();

@@ -10,7 +10,7 @@ root="$(cd "$here/../.." && pwd)"
 cd "$root"
 
 cargo build --quiet --bin order-saga
-bin="$root/target/debug/order-saga"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/order-saga"
 [ -d "$here/node_modules/playwright-core" ] || (cd "$here" && npm ci --no-audit --no-fund --silent)
 
 work="$(mktemp -d)"
