@@ -394,15 +394,13 @@
   }
 
   function startStream() {
-    let failed = false;
     source = new EventSource("/sagas/events");
     source.addEventListener("open", () => {
       stopPolling();
       setConnection("live");
-      // On the first open and after every reconnect: whatever changed while the stream was
-      // down is in the lists, so nothing is missed.
-      if (failed) run(refreshLists);
-      failed = false;
+      // On the first open and after every reconnect: whatever changed before the stream was
+      // (back) up is in the lists, so nothing is missed.
+      run(refreshLists);
       if (state.selected) refreshDetailSoon();
     });
     source.addEventListener("saga", (event) => {
@@ -410,7 +408,6 @@
       if (summary && summary.id) onSagaEvent(summary, false);
     });
     source.addEventListener("error", () => {
-      failed = true;
       if (source.readyState === EventSource.CLOSED) {
         // The browser gave up (the answer was not a stream): poll, and try the stream later.
         source = null;
@@ -425,8 +422,8 @@
         setConnection("reconnecting");
       }
     });
-    // The lists are fetched once the stream is open too, so an event sent between the first
-    // fetch and the stream's start is not missed.
+    // A first look before the stream opens; fetched again on open, so that a change made
+    // between this fetch and the stream's start is not missed.
     run(refreshLists);
   }
 
