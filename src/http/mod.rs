@@ -6,6 +6,7 @@ pub mod orders;
 pub mod problem;
 pub mod products;
 pub mod sagas;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,9 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/readyz", &["get"]),
     ("/openapi.yaml", &["get"]),
     ("/metrics", &["get"]),
+    ("/ui", &["get"]),
+    ("/ui/app.js", &["get"]),
+    ("/ui/app.css", &["get"]),
 ];
 
 /// What every handler can reach.
@@ -99,6 +103,9 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))
         .route("/metrics", get(metrics))
+        .route("/ui", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::styles))
         .fallback(|| async { Problem::for_status(StatusCode::NOT_FOUND) })
         .with_state(state.clone())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
