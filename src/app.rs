@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::db::{Db, DbError, PoolSettings, normalize_url};
 use crate::http::{self, AppState, HttpConfig};
 use crate::inventory::Inventory;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::orders::{self, Orders};
 use crate::saga::{Engine, EngineConfig, FaultInjector};
@@ -65,7 +66,8 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
     engine.start_background();
     let inventory = Inventory::new(inventory_db);
     let orders = Orders::new(engine.clone(), inventory.clone(), config.order_wait());
-    let state = AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics };
+    let live = Live::start(engine.log_db().clone(), metrics.clone());
+    let state = AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live };
     let http_config = HttpConfig {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         cors_allow_origins: config.cors_allow_origins.clone(),
@@ -104,6 +106,8 @@ impl App {
         shutdown.await;
         tracing::info!("shutting down: no new requests; letting running steps end");
         let _ = stop_tx.send(true);
+        // Open event streams end now, so that they do not hold the drain for the whole grace.
+        self.state.live.shutdown();
         self.housekeeping.abort();
         let drained = tokio::time::timeout(grace, server).await;
         self.engine.shutdown(grace).await;

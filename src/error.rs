@@ -104,6 +104,9 @@ pub enum Error {
         /// Its status.
         status: OrderStatus,
     },
+    /// A `Last-Event-ID` that is not a cursor of the stream it was sent to.
+    #[error("invalid Last-Event-ID: {0}")]
+    InvalidLastEventId(String),
     /// A database did not answer (connection refused or lost, pool exhausted, timeout).
     #[error("a database is unavailable")]
     Unavailable(#[source] sqlx::Error),

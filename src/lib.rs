@@ -43,6 +43,8 @@ pub mod idempotency;
 pub mod insert;
 /// The inventory participant: products, stock and reservations.
 pub mod inventory;
+/// Live progress: the one poller per instance behind the event streams.
+pub mod live;
 /// The service's metrics, in the Prometheus text format.
 pub mod metrics;
 /// Embedded per-backend migrations.

@@ -85,6 +85,13 @@ fn timing() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// Labels of the live-progress subscriber gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `order` (`GET /orders/{id}/events`) or `feed` (`GET /sagas/events`).
+    pub stream: &'static str,
+}
+
 /// Every series the service exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -109,6 +116,10 @@ pub struct Metrics {
     pub http_duration: Timings<HttpLabels>,
     /// Each pool's connections, read at scrape time.
     pub db_connections: Family<DbLabels, Gauge>,
+    /// Statements the live-progress poller ran.
+    pub live_poll_queries: Counter,
+    /// Open live-progress streams on this instance.
+    pub live_subscribers: Family<StreamLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -170,6 +181,17 @@ impl Metrics {
             http_duration.clone(),
         );
         registry.register("order_saga_db_connections", "Database pool connections", db_connections.clone());
+        let live_poll_queries = Counter::default();
+        registry.register(
+            "order_saga_live_poll_queries",
+            "Statements the live-progress poller ran",
+            live_poll_queries.clone(),
+        );
+        let live_subscribers: Family<StreamLabels, Gauge> = Family::default();
+        for stream in ["order", "feed"] {
+            live_subscribers.get_or_create(&StreamLabels { stream }).set(0);
+        }
+        registry.register("order_saga_live_subscribers", "Open live-progress streams", live_subscribers.clone());
         Self {
             registry,
             sagas_started,
@@ -182,6 +204,8 @@ impl Metrics {
             operator_actions,
             http_duration,
             db_connections,
+            live_poll_queries,
+            live_subscribers,
         }
     }
 

@@ -2,6 +2,7 @@
 //! It knows the services, never SQL.
 
 pub mod extract;
+pub mod live;
 pub mod orders;
 pub mod problem;
 pub mod products;
@@ -25,6 +26,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::db::Db;
 use crate::inventory::Inventory;
+use crate::live::Live;
 use crate::metrics::{DbLabels, HttpLabels, Metrics};
 use crate::orders::Orders;
 use crate::saga::Engine;
@@ -45,8 +47,11 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/orders", &["get", "post"]),
     ("/orders/{id}", &["get"]),
     ("/orders/{id}/cancel", &["post"]),
+    ("/orders/{id}/events", &["get"]),
     ("/sagas", &["get"]),
     ("/sagas/retry", &["post"]),
+    // Before `/sagas/{id}`, which `route_of` would match first.
+    ("/sagas/events", &["get"]),
     ("/sagas/{id}", &["get"]),
     ("/sagas/{id}/retry", &["post"]),
     ("/sagas/{id}/abort", &["post"]),
@@ -72,6 +77,8 @@ pub struct AppState {
     pub databases: Vec<Db>,
     /// The metrics, unless `METRICS=false`.
     pub metrics: Option<Arc<Metrics>>,
+    /// The live-progress hub behind the event streams.
+    pub live: Live,
 }
 
 /// HTTP settings.
@@ -99,6 +106,8 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .route("/sagas/{id}", get(sagas::get))
         .route("/sagas/{id}/retry", post(sagas::retry))
         .route("/sagas/{id}/abort", post(sagas::abort))
+        .route("/orders/{id}/events", get(live::order_events))
+        .route("/sagas/events", get(live::saga_events))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))
@@ -135,6 +144,7 @@ fn cors(origins: &[String]) -> CorsLayer {
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static("prefer"),
+            HeaderName::from_static("last-event-id"),
         ])
         .expose_headers([
             header::LOCATION,
@@ -250,5 +260,7 @@ mod tests {
         assert_eq!(route_of("/orders/"), "unmatched");
         assert_eq!(route_of("/nope/1/2/3"), "unmatched");
         assert_eq!(route_of("/metrics"), "/metrics");
+        assert_eq!(route_of("/sagas/events"), "/sagas/events");
+        assert_eq!(route_of("/orders/x/events"), "/orders/{id}/events");
     }
 }

@@ -103,6 +103,9 @@ impl From<Error> for Problem {
             e @ Error::IdempotencyKeyReused => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string())
             }
+            Error::InvalidLastEventId(detail) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid_last_event_id", format!("Last-Event-ID: {detail}"))
+            }
             e @ Error::OrderNotCancellable { .. } => {
                 Problem::new(StatusCode::CONFLICT, "order_not_cancellable", e.to_string())
             }

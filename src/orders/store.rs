@@ -232,3 +232,15 @@ pub fn attach_cancel(id: &str, cancel_saga_id: &str, replacing: Option<&str>, no
     };
     sql
 }
+
+/// Reads the orders whose ids are in `ids` (any order), for the live-progress poller, which
+/// watches many orders with one statement.
+pub async fn get_many(db: &Db, ids: &[&str]) -> Result<Vec<Order>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new(&format!("SELECT {COLUMNS} FROM orders WHERE id IN "));
+    sql.tuple(ids.iter().copied());
+    let rows = sql.query().fetch_all(&db.pool).await?;
+    rows.iter().map(decode).collect()
+}
