@@ -221,8 +221,36 @@ async fn an_aborted_cancel_leaves_the_order_confirmed_and_cancellable_again() {
     assert_eq!(response.status(), 200);
     let cancelled: Value = response.json().await.unwrap();
     assert_eq!(cancelled["status"], "cancelled");
-    assert_ne!(cancelled["cancel_saga_id"], cancel_saga.as_str());
+    let second_cancel = cancelled["cancel_saga_id"].as_str().unwrap().to_string();
+    assert_ne!(second_cancel, cancel_saga);
     assert_eq!(app.get_json("/products/p1").await["available"], 10);
+
+    // The order's event stream shows its three sagas in the order they were created, and the
+    // last cursor counts the events of each.
+    let stream = app.get(&format!("/orders/{order_id}/events")).await.text().await.unwrap();
+    let mut sagas: Vec<String> = Vec::new();
+    let mut last_id = String::new();
+    for line in stream.lines() {
+        if let Some(id) = line.strip_prefix("id: ") {
+            last_id = id.to_string();
+        }
+        if let Some(data) = line.strip_prefix("data: ") {
+            let data: Value = serde_json::from_str(data).unwrap();
+            // `saga` events carry a seq; `order` events carry the order's own saga_id.
+            let saga = data["saga_id"].as_str().filter(|_| data["seq"].is_i64());
+            if let Some(saga) = saga.filter(|s| sagas.last().is_none_or(|l| l != s)) {
+                sagas.push(saga.to_string());
+            }
+        }
+    }
+    let place_saga = order["saga_id"].as_str().unwrap().to_string();
+    assert_eq!(sagas, [place_saga.clone(), cancel_saga.clone(), second_cancel.clone()], "{stream}");
+    let counts: Vec<i64> = last_id.split('.').map(|n| n.parse().unwrap()).collect();
+    let mut lengths = Vec::new();
+    for saga in [&place_saga, &cancel_saga, &second_cancel] {
+        lengths.push(app.get_json(&format!("/sagas/{saga}")).await["events"].as_array().unwrap().len() as i64);
+    }
+    assert_eq!(counts, lengths, "{stream}");
     app.stop().await;
 }
 

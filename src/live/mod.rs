@@ -34,6 +34,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// looks for new sagas: the clock skew between instances plus the delay between an id's minting
 /// and its commit that the feed tolerates for a saga that starts and finishes between two polls.
 pub const CREATION_OVERLAP: Duration = Duration::from_secs(10);
+/// Most sagas of one order a stream follows (its place_order saga and its cancel sagas).
+const MAX_SAGAS_PER_ORDER: usize = 64;
 /// Most sagas one poll statement names (each is a key range of `saga_events`).
 const SAGAS_PER_QUERY: usize = 100;
 /// Updates queued per order stream before the poller stops sending it more on this poll.
@@ -41,17 +43,18 @@ const ORDER_CAPACITY: usize = 64;
 /// Updates queued per feed subscriber before it is closed as too slow.
 const FEED_CAPACITY: usize = 4096;
 
-/// Where an order's stream stands: for the order's place_order saga, then its cancel_order saga
-/// if it has one, how many of its events (from seq 0) were delivered. Written `p` or `p.c`
-/// (decimal), as the `id:` of each `saga` event and read back from `Last-Event-ID`.
+/// Where an order's stream stands: for each of the order's sagas in the order they were created
+/// (its place_order saga, then its cancel_order sagas: usually one, more when an aborted cancel
+/// was replaced), how many of its events (from seq 0) were delivered. Written `p`, `p.c`,
+/// `p.c.c2`... (decimal), as the `id:` of each `saga` event and read back from `Last-Event-ID`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OrderCursor(pub Vec<i64>);
 
 impl OrderCursor {
-    /// Parses a `Last-Event-ID`: one or two non-negative decimal counts separated by `.`.
+    /// Parses a `Last-Event-ID`: non-negative decimal counts separated by `.`, one per saga.
     pub fn parse(text: &str) -> Option<OrderCursor> {
         let parts: Vec<&str> = text.split('.').collect();
-        if parts.is_empty() || parts.len() > 2 {
+        if parts.is_empty() || parts.len() > MAX_SAGAS_PER_ORDER {
             return None;
         }
         let counts = parts
@@ -266,10 +269,26 @@ impl Live {
         let db = &self.inner.db;
         let order =
             order_store::get(db, order_id).await?.ok_or_else(|| Error::NotFound(format!("order {order_id:?}")))?;
-        let mut sagas = Vec::new();
-        for id in std::iter::once(&order.saga_id).chain(order.cancel_saga_id.as_ref()) {
+        // The order's sagas in the order they were created: its place_order saga, then its
+        // cancel sagas, each (after an abort) replacing the one before, followed back from the
+        // newest.
+        let mut records = Vec::new();
+        let mut next = order.cancel_saga_id.clone();
+        while let Some(id) = next.take() {
             let saga =
-                log::get(db, id).await?.ok_or_else(|| Error::Internal(format!("order without its saga {id}")))?;
+                log::get(db, &id).await?.ok_or_else(|| Error::Internal(format!("order without its saga {id}")))?;
+            next = saga.input.get("replaces").and_then(|r| r.as_str()).map(str::to_string);
+            records.push(saga);
+            if records.len() > MAX_SAGAS_PER_ORDER {
+                return Err(Error::Internal(format!("order {order_id} has too many cancel sagas")));
+            }
+        }
+        let place = log::get(db, &order.saga_id)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("order without its saga {}", order.saga_id)))?;
+        records.push(place);
+        let mut sagas = Vec::new();
+        for saga in records.into_iter().rev() {
             let final_at = saga.state.is_final().then_some(saga.next_seq);
             sagas.push((Watched { id: saga.id, kind: saga.kind, next: 0, final_at }, saga.next_seq));
         }
@@ -549,7 +568,10 @@ mod tests {
         assert_eq!(OrderCursor::parse("7"), Some(OrderCursor(vec![7])));
         assert_eq!(OrderCursor::parse("11.2"), Some(OrderCursor(vec![11, 2])));
         assert_eq!(OrderCursor(vec![11, 2]).to_string(), "11.2");
-        for bad in ["", ".", "1.", ".1", "1.2.3", "-1", "+1", "1e3", "a", " 1", "1234567890123456"] {
+        assert_eq!(OrderCursor::parse("11.2.5"), Some(OrderCursor(vec![11, 2, 5])), "a replaced cancel");
+        let too_many = vec!["1"; MAX_SAGAS_PER_ORDER + 1].join(".");
+        assert_eq!(OrderCursor::parse(&too_many), None);
+        for bad in ["", ".", "1.", ".1", "1..3", "-1", "+1", "1e3", "a", " 1", "1234567890123456"] {
             assert_eq!(OrderCursor::parse(bad), None, "{bad:?}");
         }
     }

@@ -18,6 +18,10 @@ pub struct CancelOrderInput {
     pub order_id: String,
     /// The place_order saga whose reservations hold the order's stock.
     pub place_saga_id: String,
+    /// The order's earlier cancel saga that this one replaces (it was aborted before its pivot),
+    /// so that the order's sagas can be followed back in the order they were created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 /// Step 1, the pivot: the order's status becomes cancelled.

@@ -213,7 +213,11 @@ impl Orders {
     /// running: the attachment (in place of `replacing`, if given) is the write-ahead's guard.
     async fn start_cancel(&self, order: &Order, replacing: Option<&str>) -> Result<String> {
         let saga_id = uuid::Uuid::now_v7().to_string();
-        let input = CancelOrderInput { order_id: order.id.clone(), place_saga_id: order.saga_id.clone() };
+        let input = CancelOrderInput {
+            order_id: order.id.clone(),
+            place_saga_id: order.saga_id.clone(),
+            replaces: replacing.map(str::to_string),
+        };
         let engine = self.engine.clone();
         let guard = store::attach_cancel(&order.id, &saga_id, replacing, now_ms());
         let id = saga_id.clone();
