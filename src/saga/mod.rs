@@ -10,6 +10,7 @@
 //!   failures, retries with backoff, resyncing from the log.
 //! - [`batch`]: the driver's transactions in the log database, where neighbouring steps and
 //!   their records commit together.
+//! - [`trace`]: the spans of a saga's task and of each step attempt.
 //! - [`fault`]: error, repetition, lost-answer and crash injection for tests.
 
 mod batch;
@@ -20,6 +21,7 @@ pub mod fault;
 pub mod log;
 mod recovery;
 pub mod state;
+mod trace;
 
 pub use coordinator::{Engine, EngineConfig, EngineError, StartError, WriteAhead};
 pub use definition::{
