@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::telemetry::TraceSettings;
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -71,6 +73,12 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// OTLP/HTTP collector to export traces to, such as `http://127.0.0.1:4318`; none when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+    /// The `service.name` of exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "order-saga")]
+    pub otel_service_name: String,
 }
 
 impl Config {
@@ -89,6 +97,14 @@ impl Config {
             return Err("LEASE_MS must be at least 30".into());
         }
         Ok(())
+    }
+
+    /// Where traces go.
+    pub fn traces(&self) -> TraceSettings {
+        TraceSettings {
+            otlp_endpoint: self.otel_exporter_otlp_endpoint.clone().filter(|e| !e.is_empty()),
+            service_name: self.otel_service_name.clone(),
+        }
     }
 
     /// `ORDER_WAIT_MS` as a duration.

@@ -14,7 +14,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    telemetry::init(config.log_format, &config.rust_log);
+    let telemetry = match telemetry::init(config.log_format, &config.rust_log, &config.traces()) {
+        Ok(telemetry) => telemetry,
+        Err(message) => {
+            eprintln!("order-saga: {message}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(message) = config.validate() {
         eprintln!("order-saga: {message}");
         return ExitCode::from(2);
@@ -45,7 +51,10 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(addr = %config.bind_addr, "order-saga listening");
-    match app.serve(listener, shutdown_signal(), config.shutdown_grace()).await {
+    let served = app.serve(listener, shutdown_signal(), config.shutdown_grace()).await;
+    // The last spans are exported by tasks of this runtime, which the flush waits for.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("order-saga: {error}");

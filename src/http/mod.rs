@@ -22,7 +22,7 @@ use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, OnResponse, TraceLayer};
 
 use crate::db::Db;
 use crate::inventory::Inventory;
@@ -30,6 +30,7 @@ use crate::live::Live;
 use crate::metrics::{DbLabels, HttpLabels, Metrics};
 use crate::orders::Orders;
 use crate::saga::Engine;
+use crate::telemetry;
 use problem::Problem;
 
 /// The largest request body accepted.
@@ -124,11 +125,37 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
-        }))
+        .layer(middleware::map_response(traceparent))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span).on_response(
+            |response: &Response, latency: Duration, span: &tracing::Span| {
+                span.record("status", response.status().as_u16());
+                if response.status().is_server_error() {
+                    span.record("otel.status_code", "error");
+                }
+                DefaultOnResponse::default().on_response(response, latency, span);
+            },
+        ))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+/// The span of one request, named by its method and route template, in the trace of the
+/// client's `traceparent` if it sent a valid one (docs: README, "Traces").
+fn request_span(request: &Request) -> tracing::Span {
+    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let method = known_method(request.method());
+    let route = route_of(request.uri().path());
+    let span = tracing::info_span!("request", otel.name = %format_args!("{method} {route}"), otel.kind = "server",
+        otel.status_code = tracing::field::Empty, method, route, uri = %request.uri(), request_id = %id,
+        status = tracing::field::Empty, trace_id = tracing::field::Empty);
+    telemetry::continue_trace(&span, request.headers());
+    span
+}
+
+/// Answers with the `traceparent` of the request's span, so that a client can find its
+/// request's trace.
+async fn traceparent(mut response: Response) -> Response {
+    telemetry::inject(&tracing::Span::current(), response.headers_mut());
+    response
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
@@ -145,12 +172,14 @@ fn cors(origins: &[String]) -> CorsLayer {
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static("prefer"),
             HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("traceparent"),
         ])
         .expose_headers([
             header::LOCATION,
             header::RETRY_AFTER,
             HeaderName::from_static("idempotent-replayed"),
             HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("traceparent"),
         ])
         .max_age(Duration::from_secs(600))
 }

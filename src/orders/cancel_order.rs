@@ -32,6 +32,7 @@ pub const RETURN_STOCK: StepKey<()> = StepKey::new("return_stock");
 /// The definition: each step with its compensation, on one screen.
 pub fn definition() -> SagaDefinition {
     SagaDefinition::of(KIND, 1)
+        .correlated_by("order_id")
         .step(CANCEL, LOG_PARTICIPANT, cancel)
         .pivot()
         .step(RETURN_STOCK, INVENTORY, return_stock)

@@ -16,6 +16,7 @@ use crate::error::{Error, FieldError, Result};
 use crate::idempotency::{self, KeyRecord};
 use crate::inventory::{Inventory, Line, MAX_SAFE_INTEGER};
 use crate::saga::{Engine, SagaState, StartError};
+use crate::telemetry;
 use cancel_order::CancelOrderInput;
 use place_order::PlaceOrderInput;
 pub use store::{Failure, Order, OrderItem, OrderStatus};
@@ -113,7 +114,7 @@ impl Orders {
         let pending = order.clone();
         // Its own task, so that a client hanging up cannot stop it between the write-ahead commit
         // and the launch, which would leave a saga owned by a live instance but driven by none.
-        let written = tokio::spawn(async move {
+        let written = telemetry::spawn(async move {
             let ahead = engine.write_ahead(place_order::KIND, pending.saga_id.clone(), &input)?;
             let mut rows = Vec::with_capacity(4);
             if let Some((key, record)) = &record {
@@ -222,7 +223,7 @@ impl Orders {
         let guard = store::attach_cancel(&order.id, &saga_id, replacing, now_ms());
         let id = saga_id.clone();
         // Its own task, for the same reason as in `place`.
-        let attached = tokio::spawn(async move {
+        let attached = telemetry::spawn(async move {
             let ahead = engine.write_ahead(cancel_order::KIND, id, &input)?;
             match engine.start(ahead, Vec::new(), Some(guard)).await {
                 Ok(()) => Ok::<bool, Error>(true),

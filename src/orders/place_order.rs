@@ -57,6 +57,7 @@ pub const COMMIT_STOCK: StepKey<()> = StepKey::new("commit_stock");
 /// The definition: each step with its compensation, on one screen.
 pub fn definition() -> SagaDefinition {
     SagaDefinition::of(KIND, 1)
+        .correlated_by("order_id")
         .step(RESERVE_STOCK, INVENTORY, reserve_stock)
         .compensated_by(release_stock)
         .step(CREATE_ORDER, LOG_PARTICIPANT, create_order)

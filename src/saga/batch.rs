@@ -12,10 +12,10 @@
 //! exactly as a process dying mid-transaction would.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::Value;
 use sqlx::{AnyConnection, Connection};
+use tracing::Instrument;
 
 use super::coordinator::Inner;
 use super::definition::{SagaDefinition, StepError};
@@ -23,6 +23,7 @@ use super::driver::{Driver, Halt, context, failure};
 use super::fault::Fault;
 use super::log::{self, LogError, NewEvent, SagaRecord};
 use super::state::{Change, Phase};
+use super::trace;
 use crate::db::now_ms;
 use crate::metrics::OutcomeLabels;
 
@@ -139,8 +140,12 @@ impl Driver<'_> {
         match &self.inner.group {
             Some(group) => {
                 let (inner, def, saga) = (self.inner.clone(), def.clone(), saga.clone());
+                // The group's task runs it: in the saga's span, like the steps that run here.
+                let span = tracing::Span::current();
                 group
-                    .run(move |conn| Box::pin(async move { run(conn, &inner, &def, saga, plan).await }))
+                    .run(move |conn| {
+                        Box::pin(async move { run(conn, &inner, &def, saga, plan).await }.instrument(span))
+                    })
                     .await
                     .map_err(Stop::Db)?
             }
@@ -204,7 +209,10 @@ async fn run(
         };
         match &fault {
             Some(Fault::CrashBefore) => return Err(Stop::Halt(Halt::Crash)),
-            Some(Fault::Fail(error)) => return Err(Stop::Failed { at: run, error: error.clone(), faults }),
+            Some(Fault::Fail(error)) => {
+                trace::injected(def, &next, index, phase, error);
+                return Err(Stop::Failed { at: run, error: error.clone(), faults });
+            }
             _ => {}
         }
         let function = match phase {
@@ -214,9 +222,7 @@ async fn run(
         let ctx = context(&next);
         let mut output = Value::Null;
         for _ in 0..if matches!(fault, Some(Fault::RunTwice)) { 2 } else { 1 } {
-            let began = Instant::now();
-            let ran = function(conn, &ctx).await;
-            inner.step_took(def, step, phase, began.elapsed());
+            let ran = trace::attempt(inner, def, &next, index, phase, function(conn, &ctx)).await;
             match ran {
                 Ok(value) => output = value,
                 Err(error) => return Err(Stop::Failed { at: run, error, faults }),

@@ -18,11 +18,13 @@ use super::definition::{LOG_PARTICIPANT, SagaDefinition, SagaKind, Step};
 use super::driver::{Driver, Halt};
 use super::fault::{Fault, FaultInjector, Phase};
 use super::log::{self, SagaRecord, SagaState};
+use super::trace;
 use crate::db::{Backend, Db, is_unique_violation, now_ms};
 use crate::group_commit::GroupCommit;
 use crate::insert::{self, Insert};
 use crate::metrics::{KindLabels, Metrics};
 use crate::sql::Sql;
+use crate::telemetry;
 
 /// Timing and limits of the engine.
 #[derive(Debug, Clone)]
@@ -393,10 +395,11 @@ impl Engine {
         if recovered {
             inner.recovering.fetch_add(1, Ordering::Relaxed);
         }
-        self.inner.tasks.spawn(async move {
+        let span = trace::saga_span(&id, generation, recovered);
+        self.inner.tasks.spawn(telemetry::within(span, async move {
             let task_inner = inner.clone();
             let task_id = id.clone();
-            let joined = tokio::spawn(async move {
+            let joined = telemetry::spawn(async move {
                 let driver = Driver::new(&task_inner, generation, conn);
                 driver.run(&task_id, record).await
             })
@@ -437,7 +440,7 @@ impl Engine {
                     tracing::warn!(saga_id = %id, error = &halt as &dyn std::error::Error, "stopped driving saga")
                 }
             }
-        });
+        }));
     }
 }
 

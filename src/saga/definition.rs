@@ -245,13 +245,16 @@ pub struct SagaDefinition {
     pub version: i64,
     /// The steps, in the order they run.
     pub steps: Vec<Step>,
+    /// A top-level field of the input that names what the saga is about to the outside (such
+    /// as `order_id`): the saga's spans carry its value under the same name.
+    pub correlation: Option<&'static str>,
     shape: Shape,
 }
 
 impl SagaDefinition {
     /// Starts a definition of `kind` at `version`; add its steps in order.
     pub fn of<I>(kind: SagaKind<I>, version: i64) -> Steps<I> {
-        Steps { kind: kind.name, version, steps: Vec::new(), input: PhantomData }
+        Steps { kind: kind.name, version, steps: Vec::new(), correlation: None, input: PhantomData }
     }
 
     /// What the log's transitions need to know of the definition.
@@ -271,6 +274,7 @@ pub struct Steps<I> {
     kind: &'static str,
     version: i64,
     steps: Vec<Step>,
+    correlation: Option<&'static str>,
     input: PhantomData<fn() -> I>,
 }
 
@@ -295,6 +299,14 @@ impl<I: DeserializeOwned + Send + Sync + 'static> Steps<I> {
         self
     }
 
+    /// Names the input's top-level string field whose value the saga's spans carry, under the
+    /// field's own name, so that a trace can be found by it (see
+    /// [`SagaDefinition::correlation`]).
+    pub fn correlated_by(mut self, field: &'static str) -> Self {
+        self.correlation = Some(field);
+        self
+    }
+
     /// Makes the step added last the pivot: once it has succeeded the saga only goes forward.
     pub fn pivot(mut self) -> Self {
         assert!(self.steps.iter().all(|s| !s.pivot), "a definition has one pivot");
@@ -316,6 +328,12 @@ impl<I: DeserializeOwned + Send + Sync + 'static> Steps<I> {
             self.steps.iter().map(|s| s.compensation.is_some()).collect(),
             pivot,
         );
-        SagaDefinition { kind: self.kind, version: self.version, steps: self.steps, shape }
+        SagaDefinition {
+            kind: self.kind,
+            version: self.version,
+            steps: self.steps,
+            correlation: self.correlation,
+            shape,
+        }
     }
 }

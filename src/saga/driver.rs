@@ -18,6 +18,7 @@ use super::definition::{DEADLINE_EXCEEDED, SagaDefinition, StepContext, StepErro
 use super::fault::Fault;
 use super::log::{self, SagaRecord, SagaState};
 use super::state::{Change, IllegalTransition, Phase};
+use super::trace;
 use crate::db::now_ms;
 use crate::metrics::FailureLabels;
 
@@ -92,6 +93,7 @@ impl<'a> Driver<'a> {
             return Err(Halt::UnknownDefinition { kind: saga.kind, version: saga.version });
         };
         normalize(&def, &mut saga);
+        trace::saga_known(&def, &saga);
         loop {
             if self.inner.shutdown.is_cancelled() {
                 return Err(Halt::Shutdown);
@@ -137,7 +139,10 @@ impl<'a> Driver<'a> {
         let fault = self.inner.fault(def, step, phase, saga.attempts);
         match &fault {
             Some(Fault::CrashBefore) => return Err(Halt::Crash),
-            Some(Fault::Fail(error)) => return self.failed(def, saga, index, phase, error.clone()).await,
+            Some(Fault::Fail(error)) => {
+                trace::injected(def, saga, index, phase, error);
+                return self.failed(def, saga, index, phase, error.clone()).await;
+            }
             _ => {}
         }
         let function = match phase {
@@ -149,16 +154,14 @@ impl<'a> Driver<'a> {
         let runs = if matches!(fault, Some(Fault::RunTwice)) { 2 } else { 1 };
         let mut output = Value::Null;
         for _ in 0..runs {
-            let began = std::time::Instant::now();
-            let ran: Result<Value, StepError> = async {
+            let ran = trace::attempt(self.inner, def, saga, index, phase, async {
                 let mut conn = db.pool.acquire().await?;
                 let mut tx = conn.begin().await?;
                 let output = function(&mut tx, &ctx).await?;
                 tx.commit().await?;
                 Ok(output)
-            }
+            })
             .await;
-            self.inner.step_took(def, step, phase, began.elapsed());
             match ran {
                 Ok(value) => output = value,
                 Err(error) => return self.failed(def, saga, index, phase, error).await,

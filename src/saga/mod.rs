@@ -11,6 +11,7 @@
 //!   failures, retries with backoff, resyncing from the log.
 //! - [`batch`]: the driver's transactions in the log database, where neighbouring steps and
 //!   their records commit together.
+//! - [`trace`]: the spans of a saga's task and of each step attempt.
 //! - [`fault`]: error, repetition, lost-answer and crash injection for tests.
 
 mod batch;
@@ -22,6 +23,7 @@ pub mod fault;
 pub mod log;
 mod recovery;
 pub mod state;
+mod trace;
 
 pub use control::{ABORTED, ControlError, MAX_BULK, Operator};
 pub use coordinator::{Engine, EngineConfig, EngineError, StartError, WriteAhead};
