@@ -126,7 +126,10 @@ fn fmt_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: the text layer formats every span's fields when the span is
+    // made, and escape codes there cost on every request and step for nobody to see.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().event_format(WithTraceId(tracing_subscriber::fmt::format().json())).boxed(),
@@ -276,6 +279,8 @@ async fn post(request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
 mod tests {
     use super::*;
 
+    /// Without context activation (which would cost on every poll), a span's trace still
+    /// follows its tracing parent.
     #[test]
     fn children_share_the_trace() {
         let provider = SdkTracerProvider::builder().with_sampler(Sampler::AlwaysOn).build();
