@@ -315,6 +315,9 @@
           if (!orderMatches(order) && listed) state.orderList = state.orderList.filter((id) => id !== order.id);
           if (isNew) announce(`New order ${shortId(order.id)} from ${order.customer_id}`);
           renderOrders();
+          // The open timeline shows its order's status and total: it may have been drawn before
+          // the order arrived, and a finished saga sends nothing that would draw it again.
+          if (state.detail && state.detail.order_id === order.id) renderTimeline();
         });
       }, 120),
     );
