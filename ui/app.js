@@ -1,12 +1,15 @@
 // The order-saga dashboard: plain JavaScript, no framework, no build step. It reads and acts only
-// through the public API (fetch and EventSource on this origin). Every value it shows comes from
-// the API and is put on the page as text (textContent, attributes), never parsed as markup.
+// through the public API (fetch on this origin, the event stream included). Every value it shows
+// comes from the API and is put on the page as text (textContent, attributes), never parsed as
+// markup. Where the service asks for a token (401), the page asks the operator for one.
 "use strict";
 
 (() => {
   const LIST_LIMIT = 100;
   const POLL_MS = 2000;
   const ACTOR_KEY = "order-saga.actor";
+  const TOKEN_KEY = "order-saga.token";
+  const STREAM_RETRY_MS = 3000; // EventSource's usual wait before reconnecting
   const FINAL = new Set(["completed", "compensated"]);
 
   // ---- State -------------------------------------------------------------------------------
@@ -24,6 +27,8 @@
     live: "connecting", // connecting | live | reconnecting | polling | offline
     listsInFlight: 0,
     buffered: [], // stream events that arrived while a list fetch was in flight
+    auth: null, // null, or why the service refused: missing | rejected | forbidden
+    epoch: 0, // bumped on sign-out: answers to calls made before are dropped
   };
 
   const $ = (id) => document.getElementById(id);
@@ -57,8 +62,13 @@
     }
   }
 
+  /** Whether an error is already taken care of: a refusal (the sign-in form shows) or stale. */
+  const handled = (error) => Boolean(error && (error.status === 401 || error.status === 403 || error.code === "stale"));
+
   async function api(path, options = {}) {
     const init = { method: options.method || "GET", headers: { Accept: "application/json" } };
+    const token = withToken(init.headers);
+    const epoch = state.epoch;
     if (options.body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(options.body);
@@ -71,9 +81,14 @@
     }
     const type = response.headers.get("Content-Type") || "";
     const body = type.includes("json") ? await response.json().catch(() => null) : await response.text();
+    // Signed out meanwhile: what the old token fetched is not shown.
+    if (epoch !== state.epoch) throw new ApiError(0, "stale", "signed out");
     if (!response.ok) {
       const problem = body && typeof body === "object" ? body : {};
-      throw new ApiError(response.status, problem.code || "http_" + response.status, problem.detail || problem.title);
+      const fallback = { 401: "unauthorized", 403: "forbidden" }[response.status] || "http_" + response.status;
+      const error = new ApiError(response.status, problem.code || fallback, problem.detail || problem.title);
+      if (response.status === 401 || response.status === 403) refused(response.status, token);
+      throw error;
     }
     return body;
   }
@@ -151,9 +166,131 @@
   }
 
   function showProblem(error) {
+    if (handled(error)) return;
     if (error && error.code === "network") setConnection("offline");
     const text = error && error.message ? error.message : String(error);
     $("conn-text").textContent = state.live === "offline" ? "Offline: " + text : $("conn-text").textContent;
+  }
+
+  // ---- The token ---------------------------------------------------------------------------
+  // Asked for only when the service answers 401, so with authentication off nothing changes.
+  // Kept in this tab's sessionStorage (gone with the tab, never sent by the browser on its own as
+  // a cookie would be), sent as `Authorization: Bearer` on every call, the event stream
+  // included, and never put on the page, in a URL or in the console.
+
+  let tokenInMemory = null; // only where sessionStorage cannot be used: then for this page load
+
+  function currentToken() {
+    if (tokenInMemory) return tokenInMemory;
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch {
+      return null;
+    }
+  }
+
+  function keepToken(token) {
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+      tokenInMemory = null;
+    } catch {
+      tokenInMemory = token || null;
+    }
+  }
+
+  /** Adds the Authorization header when there is a token; returns the token sent (or null). */
+  function withToken(headers) {
+    const token = currentToken();
+    if (token) headers.Authorization = "Bearer " + token;
+    return token;
+  }
+
+  const AUTH_MESSAGES = {
+    missing: "This service needs an admin token: a token whose scope includes admin.",
+    rejected: "The service did not accept that token (it may have expired). Enter another admin token.",
+    forbidden:
+      "This token lacks the admin scope, so the service refuses what the dashboard asks for. " +
+      "Enter a token whose scope includes admin.",
+  };
+
+  /**
+   * A call was answered 401 (no token, or one the service does not accept) or 403 (a good token
+   * without the admin scope): stop keeping current and ask for a token.
+   */
+  function refused(status, tokenSent) {
+    // An answer to a token that has since been replaced or removed says nothing about the new one.
+    if (tokenSent !== currentToken()) return;
+    const reason = status === 403 ? "forbidden" : tokenSent ? "rejected" : "missing";
+    if (state.auth === reason) return;
+    state.auth = reason;
+    stopLive();
+    setConnection("locked");
+    $("auth").dataset.reason = reason;
+    $("auth-message").textContent = AUTH_MESSAGES[reason];
+    $("auth").hidden = false;
+    $("lists").hidden = true;
+    $("timeline").hidden = true;
+    renderAuth();
+    announce(AUTH_MESSAGES[reason]);
+    // Not from under the action dialog: it says what happened and closes onto this form.
+    if (!$("action-dialog").open) $("auth-token").focus();
+  }
+
+  function renderAuth() {
+    $("sign-out").hidden = !currentToken();
+  }
+
+  function signIn() {
+    const input = $("auth-token");
+    const token = input.value.trim().replace(/^Bearer\s+/i, "");
+    if (!/^[\x21-\x7e]+$/.test(token)) {
+      $("auth-message").textContent = "Paste the token itself: letters, digits and punctuation, without spaces.";
+      input.focus();
+      return;
+    }
+    input.value = "";
+    keepToken(token);
+    state.auth = null;
+    $("auth").hidden = true;
+    $("lists").hidden = false;
+    $("timeline").hidden = false;
+    renderAuth();
+    $("tab-" + state.tab).focus();
+    setConnection("connecting");
+    // With a token the service refuses too, the form comes back with the reason.
+    run(goLive);
+    if (state.selected) refreshDetailSoon();
+  }
+
+  /** Forgets the token and what it let the page see, then asks the service again. */
+  function signOut() {
+    keepToken(null);
+    stopLive();
+    state.epoch += 1;
+    state.sagas.clear();
+    state.sagaList = [];
+    state.orders.clear();
+    state.orderList = [];
+    state.products = [];
+    state.seqSeen.clear();
+    state.selected = null;
+    state.detail = null;
+    state.buffered = [];
+    renderAll();
+    renderAuth();
+    announce("Signed out");
+    setConnection("connecting");
+    // A service that needs a token answers 401, and the form shows.
+    run(goLive);
+  }
+
+  function setUpSignIn() {
+    $("auth-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      signIn();
+    });
+    $("sign-out").addEventListener("click", signOut);
   }
 
   // ---- Filters -----------------------------------------------------------------------------
@@ -346,7 +483,7 @@
   // ---- Live updates ------------------------------------------------------------------------
 
   let pollTimer = null;
-  let source = null;
+  let polling = false;
 
   function setConnection(live) {
     state.live = live;
@@ -356,78 +493,205 @@
       reconnecting: "Reconnecting…",
       polling: `Updating every ${POLL_MS / 1000} s`,
       offline: "Offline",
+      locked: "Token needed",
     }[live];
     $("conn").dataset.state = live;
     $("conn-text").textContent = text;
   }
 
   function startPolling() {
-    if (pollTimer) return;
+    if (polling) return;
+    polling = true;
     setConnection("polling");
     const tick = async () => {
       try {
         await refreshLists();
         if (state.selected && !(state.detail && FINAL.has(state.detail.state))) await refreshDetail();
-        if (state.live !== "polling") setConnection("polling");
+        if (polling && state.live !== "polling") setConnection("polling");
       } catch (error) {
         showProblem(error);
       } finally {
-        pollTimer = setTimeout(tick, POLL_MS);
+        // Stopped meanwhile (the stream opened, or the service refused): no next tick.
+        if (polling) pollTimer = setTimeout(tick, POLL_MS);
       }
     };
     pollTimer = setTimeout(tick, POLL_MS);
   }
 
   function stopPolling() {
+    polling = false;
     clearTimeout(pollTimer);
     pollTimer = null;
   }
 
   /**
    * Whether this service serves GET /sagas/events: read from its own API description rather than
-   * by trying the stream, because a browser logs a failed EventSource as a console error.
+   * by trying the stream, because a browser logs a refused request as a console error.
    */
   async function streamServed() {
     try {
       const spec = await api("/openapi.yaml");
       return typeof spec === "string" && /\n {2}\/sagas\/events:/.test(spec);
-    } catch {
+    } catch (error) {
+      if (handled(error)) throw error;
       return false;
     }
   }
 
+  /** Keeps the page current: from the event stream where the service serves one, else by polling. */
+  async function goLive() {
+    const served = await streamServed();
+    if (state.auth) return; // refused: signing in calls this again
+    if (served) startStream();
+    else {
+      await refreshLists().catch(showProblem);
+      if (!state.auth) startPolling();
+    }
+  }
+
+  // The event stream is read with fetch, not EventSource: EventSource cannot send the
+  // Authorization header, and a token in the URL would reach logs. It behaves as EventSource
+  // does: it reconnects after a drop (sending Last-Event-ID if the stream gave ids), and gives up
+  // on an answer that is not a stream, which here falls back to polling.
+
+  let stream = null; // the AbortController of the stream being read, or null
+  let streamRetryTimer = null; // the later try of the stream after falling back to polling
+
+  function stopLive() {
+    if (stream) stream.abort();
+    stream = null;
+    clearTimeout(streamRetryTimer);
+    stopPolling();
+  }
+
   function startStream() {
-    source = new EventSource("/sagas/events");
-    source.addEventListener("open", () => {
-      stopPolling();
-      setConnection("live");
-      // On the first open and after every reconnect: whatever changed before the stream was
-      // (back) up is in the lists, so nothing is missed.
-      run(refreshLists);
-      if (state.selected) refreshDetailSoon();
+    const controller = new AbortController();
+    stream = controller;
+    run(() => readStream(controller));
+    // A first look before the stream opens; fetched again on open, so that a change made
+    // between this fetch and the stream's start is not missed.
+    run(refreshLists);
+  }
+
+  /** Resolves after `millis`, or at once when `signal` aborts. */
+  function pause(millis, signal) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, millis);
+      signal.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
     });
-    source.addEventListener("saga", (event) => {
-      const summary = parseJson(event.data);
-      if (summary && summary.id) onSagaEvent(summary, false);
-    });
-    source.addEventListener("error", () => {
-      if (source.readyState === EventSource.CLOSED) {
-        // The browser gave up (the answer was not a stream): poll, and try the stream later.
-        source = null;
+  }
+
+  /** Reads GET /sagas/events for as long as `controller` is the current stream. */
+  async function readStream(controller) {
+    const current = () => stream === controller;
+    const sse = { lastEventId: "", retry: STREAM_RETRY_MS };
+    while (current()) {
+      const headers = { Accept: "text/event-stream" };
+      if (sse.lastEventId) headers["Last-Event-ID"] = sse.lastEventId;
+      const token = withToken(headers);
+      let response = null;
+      try {
+        response = await fetch("/sagas/events", { headers, cache: "no-store", signal: controller.signal });
+      } catch {
+        // No answer (the service is restarting, the network dropped): try again, as EventSource does.
+      }
+      if (!current()) {
+        if (response && response.body) response.body.cancel().catch(() => {});
+        return;
+      }
+      if (response && (response.status === 401 || response.status === 403)) {
+        response.body?.cancel().catch(() => {});
+        refused(response.status, token);
+        if (state.auth) return; // stopped; signing in starts a new stream
+      } else if (response && (!response.ok || !(response.headers.get("Content-Type") || "").startsWith("text/event-stream") || !response.body)) {
+        // Not a stream (EventSource gives up here): poll, and try the stream again later.
+        response.body?.cancel().catch(() => {});
+        stream = null;
         startPolling();
-        setTimeout(() => {
-          if (!source) {
+        streamRetryTimer = setTimeout(() => {
+          if (!stream && !state.auth) {
             stopPolling();
             startStream();
           }
         }, 30000);
-      } else {
-        setConnection("reconnecting");
+        return;
+      } else if (response) {
+        stopPolling();
+        setConnection("live");
+        // On the first open and after every reconnect: whatever changed before the stream was
+        // (back) up is in the lists, so nothing is missed.
+        run(refreshLists);
+        if (state.selected) refreshDetailSoon();
+        try {
+          await readEvents(response.body, sse, (type, data) => {
+            if (type !== "saga") return;
+            const summary = parseJson(data);
+            if (summary && summary.id) onSagaEvent(summary, false);
+          });
+        } catch {
+          // The connection dropped, or this stream was stopped.
+        }
+        if (!current()) return;
       }
-    });
-    // A first look before the stream opens; fetched again on open, so that a change made
-    // between this fetch and the stream's start is not missed.
-    run(refreshLists);
+      setConnection("reconnecting");
+      await pause(sse.retry, controller.signal);
+    }
+  }
+
+  /**
+   * Reads a `text/event-stream` body as EventSource does, calling `onEvent(type, data)` per event:
+   * lines end in CRLF, LF or CR; a blank line ends an event; `data:` lines join with \n; `event:`
+   * names it (`message` if not); `id:` becomes `sse.lastEventId` once its event ends (sent back
+   * as Last-Event-ID on reconnect); `retry:` sets `sse.retry`, the wait before reconnecting; a
+   * line starting with `:` (the keepalive) is a comment. An event cut off by the end is dropped.
+   */
+  async function readEvents(body, sse, onEvent) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder(); // UTF-8, a leading BOM skipped
+    let buffer = ""; // an unfinished line
+    let afterCR = false; // the text so far ended in CR: a LF next belongs to it
+    let type = "";
+    let data = [];
+    let id = sse.lastEventId;
+    const line = (text) => {
+      if (text === "") {
+        sse.lastEventId = id;
+        if (data.length) {
+          const [name, joined] = [type || "message", data.join("\n")];
+          try {
+            onEvent(name, joined);
+          } catch (error) {
+            // A bug in handling one event must not cut the stream; it still surfaces as an error.
+            setTimeout(() => {
+              throw error;
+            });
+          }
+        }
+        type = "";
+        data = [];
+        return;
+      }
+      if (text[0] === ":") return;
+      const colon = text.indexOf(":");
+      const field = colon < 0 ? text : text.slice(0, colon);
+      let value = colon < 0 ? "" : text.slice(colon + 1);
+      if (value[0] === " ") value = value.slice(1);
+      if (field === "event") type = value;
+      else if (field === "data") data.push(value);
+      else if (field === "id" && !value.includes("\0")) id = value;
+      else if (field === "retry" && /^\d+$/.test(value)) sse.retry = Number(value);
+    };
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      let text = decoder.decode(value, { stream: true });
+      if (!text) continue;
+      if (afterCR && text[0] === "\n") text = text.slice(1);
+      afterCR = text.endsWith("\r");
+      const lines = (buffer + text).split(/\r\n|\r|\n/);
+      buffer = lines.pop();
+      for (const each of lines) line(each);
+    }
   }
 
   // ---- Rendering ---------------------------------------------------------------------------
@@ -718,6 +982,8 @@
     saga_not_found: "There is no such saga.",
     validation_failed: "Give your name (up to 100 characters) and a reason (up to 500).",
     network: "The service cannot be reached.",
+    unauthorized: "The service needs an admin token. Cancel, then enter one.",
+    forbidden: "This token lacks the admin scope. Cancel, then enter a token with the admin scope.",
   };
 
   let dialogAction = null; // { kind: "retry" | "abort" | "retry-stuck", sagaId?, opener }
@@ -788,7 +1054,7 @@
       }
       closeDialog();
       renderAll();
-      if (state.live !== "live") run(refreshLists);
+      if (state.live !== "live" && !state.auth) run(refreshLists);
     } catch (failure) {
       error.textContent = MESSAGES[failure.code] || failure.message;
       error.hidden = false;
@@ -807,7 +1073,8 @@
     dialog.addEventListener("close", () => {
       const opener = dialogAction && dialogAction.opener;
       dialogAction = null;
-      if (opener && !opener.hidden && opener.isConnected) opener.focus();
+      if (state.auth) $("auth-token").focus();
+      else if (opener && !opener.hidden && opener.isConnected) opener.focus();
     });
     $("retry-button").addEventListener("click", (e) => openDialog("retry", e.currentTarget));
     $("abort-button").addEventListener("click", (e) => openDialog("abort", e.currentTarget));
@@ -827,12 +1094,10 @@
     setUpTabs();
     setUpDialog();
     setUpFilters();
+    setUpSignIn();
     renderAll();
-    if (await streamServed()) startStream();
-    else {
-      await refreshLists().catch(showProblem);
-      startPolling();
-    }
+    renderAuth();
+    await goLive();
   }
 
   document.addEventListener("DOMContentLoaded", () => run(start));
