@@ -21,7 +21,9 @@ async fn the_dashboard_is_served_with_its_headers() {
             assert!(csp.contains(directive), "GET {path}: {directive} missing from {csp}");
         }
         assert!(!csp.contains("unsafe"), "GET {path}: {csp}");
-        assert_eq!(header(reqwest::header::X_CONTENT_TYPE_OPTIONS), "nosniff");
+        assert_eq!(header(reqwest::header::X_CONTENT_TYPE_OPTIONS), "nosniff", "GET {path}");
+        // The page's address (and anything in it) is not sent to other sites.
+        assert_eq!(header(reqwest::header::REFERRER_POLICY), "no-referrer", "GET {path}");
 
         // A client holding this version revalidates to a 304 without a body.
         let etag = header(ETAG);
