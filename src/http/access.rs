@@ -79,6 +79,19 @@ enum Need {
     AnyToken,
 }
 
+/// The scopes any one of which allows `method` on `route` (a template of `http::ROUTES`): none
+/// for a public route; `metrics_token` stands for `METRICS_TOKEN`. The drift test compares
+/// this with each operation's `security` in `openapi.yaml`.
+pub fn accepted_scopes(method: &Method, route: &str) -> &'static [&'static str] {
+    match need(method, route) {
+        Need::Nothing => &[],
+        Need::OrdersOrAdmin => &["orders", "admin"],
+        Need::Admin => &["admin"],
+        Need::Metrics => &["admin", "metrics_token"],
+        Need::AnyToken => &["any"],
+    }
+}
+
 fn need(method: &Method, route: &str) -> Need {
     match route {
         "/healthz" | "/readyz" | "/openapi.yaml" | "/ui" | "/ui/app.js" | "/ui/app.css" => Need::Nothing,
