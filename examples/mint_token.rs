@@ -50,6 +50,8 @@ fn main() -> ExitCode {
 }
 
 fn usage(problem: &str) -> ExitCode {
-    eprintln!("mint_token: {problem}\nusage: AUTH_JWT_SECRET=... mint_token --sub ID --scope 'orders|admin' [--minutes N]");
+    eprintln!(
+        "mint_token: {problem}\nusage: AUTH_JWT_SECRET=... mint_token --sub ID --scope 'orders|admin' [--minutes N]"
+    );
     ExitCode::from(2)
 }
