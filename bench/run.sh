@@ -31,6 +31,8 @@ Usage: bench/run.sh [options]
   --no-stmts         skip the statements-per-order pass (a private PostgreSQL instance)
   --service-env K=V  run the service with this setting (repeatable), e.g. DB_MAX_CONNECTIONS=32;
                      without it the service runs with its defaults
+  --auth             run the service with authentication on (a random AUTH_JWT_SECRET) and the
+                     load generator with an admin token, to measure what verifying tokens costs
   --keep             keep the databases and the work directory (logs, pgbench logs)
   -h, --help         this text
 
@@ -38,7 +40,7 @@ Environment: PGHOST / PGPORT / PGUSER (default 127.0.0.1 / 5432 / postgres) name
 EOF
 }
 
-QUICK=0 SOAK=0 SOAK_MINUTES=5 SECONDS_MEASURED="" WARMUP="" CONNS=64 HOT=10 STMTS=1 KEEP=0 ROUNDS=1
+AUTH=0 QUICK=0 SOAK=0 SOAK_MINUTES=5 SECONDS_MEASURED="" WARMUP="" CONNS=64 HOT=10 STMTS=1 KEEP=0 ROUNDS=1
 SERVICE_ENV=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -52,6 +54,7 @@ while [[ $# -gt 0 ]]; do
         --rounds) [[ $2 =~ ^[1-9][0-9]*$ ]] || { echo "--rounds wants a positive integer" >&2; exit 2; }; ROUNDS=$2; shift ;;
         --no-stmts) STMTS=0 ;;
         --service-env) [[ $2 == *=* ]] || { echo "--service-env wants KEY=VALUE" >&2; exit 2; }; SERVICE_ENV+=("$2"); shift ;;
+        --auth) AUTH=1 ;;
         --keep) KEEP=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -641,11 +644,19 @@ say "  PostgreSQL $PGH:$PGP: $(pgq postgres "SELECT current_setting('server_vers
 say "  the load generator, the service and PostgreSQL share this machine's cores"
 PG_POSTMASTER=$(head -n1 "$(pgq postgres "SHOW data_directory" 2>/dev/null)/postmaster.pid" 2>/dev/null || true)
 [[ -n $PG_POSTMASTER && -r /proc/$PG_POSTMASTER/stat ]] || PG_POSTMASTER=""
-[[ ${#SERVICE_ENV[@]} -gt 0 ]] && say "  service settings: ${SERVICE_ENV[*]} (otherwise its defaults)"
+[[ ${#SERVICE_ENV[@]} -gt 0 ]] && say "  service settings: $(printf '%s ' "${SERVICE_ENV[@]}" | sed -E 's/((SECRET|TOKEN)[A-Z_]*=)[^ ]*/\1***/g')(otherwise its defaults)"
 
-say "  building: cargo build --release --bin order-saga --example loadgen"
-cargo build --release --bin order-saga --example loadgen >"$WORK/build.log" 2>&1 ||
+say "  building: cargo build --release --bin order-saga --example loadgen --example mint_token"
+cargo build --release --bin order-saga --example loadgen --example mint_token >"$WORK/build.log" 2>&1 ||
     { tail -n 30 "$WORK/build.log" >&2; die "the build failed"; }
+if [[ $AUTH == 1 ]]; then
+    # A secret of this run's own; the token reaches the load generator through its environment.
+    AUTH_SECRET=$(head -c 32 /dev/urandom | base64)
+    SERVICE_ENV+=("AUTH_JWT_SECRET=$AUTH_SECRET")
+    LOADGEN_TOKEN=$(AUTH_JWT_SECRET=$AUTH_SECRET "$ROOT/target/release/examples/mint_token" --sub bench --scope admin --minutes 600)
+    export LOADGEN_TOKEN
+    say "  authentication on: every request carries an HS256 admin token"
+fi
 
 if [[ $SOAK == 1 ]]; then
     run_soak

@@ -165,7 +165,14 @@ fn percentile(sorted_us: &[u64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    // With authentication on, every request carries the token `bench/run.sh --auth` minted.
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(token) = std::env::var("LOADGEN_TOKEN") {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token fits a header");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(args.connections)
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(args.timeout))

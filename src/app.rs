@@ -9,14 +9,30 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 
+use crate::auth::{KeyError, KeySource, Verifier};
 use crate::config::Config;
 use crate::db::{Db, DbError, PoolSettings, normalize_url};
+use crate::http::access::Access;
 use crate::http::{self, AppState, HttpConfig};
 use crate::inventory::Inventory;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::orders::{self, Orders};
 use crate::saga::{Engine, EngineConfig, FaultInjector};
+
+/// Why the application could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A database could not be opened or prepared.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Settings that cannot work together.
+    #[error("{0}")]
+    Config(String),
+    /// The token keys could not be loaded.
+    #[error("authentication keys: {0}")]
+    Keys(#[from] KeyError),
+}
 
 /// A built application, ready to serve.
 pub struct App {
@@ -26,17 +42,20 @@ pub struct App {
     pub engine: Engine,
     /// The services, for callers that drive them directly.
     pub state: AppState,
-    housekeeping: tokio::task::JoinHandle<()>,
+    housekeeping: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Connects the configured databases (applying migrations), builds the engine with both order
 /// sagas and starts its recovery loop. `faults` is for tests.
-pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> Result<App, DbError> {
+pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> Result<App, StartupError> {
+    let auth = config.auth().map_err(StartupError::Config)?;
+    let reloadable = auth.as_ref().is_some_and(|a| !matches!(a.source, KeySource::Secret(_)));
+    let verifier = auth.map(Verifier::load).transpose()?.map(Arc::new);
     let (log_url, log_backend) = normalize_url(&config.database_url)?;
     let inventory_url = config.inventory_database_url.clone().unwrap_or_else(|| config.database_url.clone());
     let (inv_url, inv_backend) = normalize_url(&inventory_url)?;
     if log_backend != inv_backend {
-        return Err(DbError::MixedBackends);
+        return Err(DbError::MixedBackends.into());
     }
     let settings = PoolSettings { max_connections: config.db_max_connections, ..PoolSettings::default() };
     let log = Db::connect(&config.database_url, &settings).await?;
@@ -67,24 +86,38 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
     let inventory = Inventory::new(inventory_db);
     let orders = Orders::new(engine.clone(), inventory.clone(), config.order_wait());
     let live = Live::start(engine.log_db().clone(), metrics.clone());
-    let state = AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live };
+    if verifier.is_some() {
+        orders.check_legacy_keys().await.map_err(|e| StartupError::Config(format!("reading idempotency keys: {e}")))?;
+    }
+    let access = Access { verifier: verifier.clone(), metrics_token: config.metrics_token.clone() };
+    let state =
+        AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live, access };
     let http_config = HttpConfig {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         cors_allow_origins: config.cors_allow_origins.clone(),
     };
     let router = http::router(state.clone(), &http_config);
     let ttl = Duration::from_secs(config.idempotency_ttl_secs);
-    let housekeeping = tokio::spawn(async move {
+    let authenticated = verifier.is_some();
+    let mut housekeeping = vec![tokio::spawn(async move {
         let every = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
         loop {
             tokio::time::sleep(every).await;
             match orders.purge_keys(ttl).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(purged = n, "purged expired idempotency records"),
+                Ok(n) => {
+                    tracing::info!(purged = n, "purged expired idempotency records");
+                    if authenticated {
+                        let _ = orders.check_legacy_keys().await;
+                    }
+                }
                 Err(error) => tracing::warn!(%error, "could not purge idempotency records"),
             }
         }
-    });
+    })];
+    if let Some(verifier) = verifier.filter(|_| reloadable) {
+        housekeeping.extend(reload_keys_on_sighup(verifier));
+    }
     Ok(App { router, engine, state, housekeeping })
 }
 
@@ -108,7 +141,7 @@ impl App {
         let _ = stop_tx.send(true);
         // Open event streams end now, so that they do not hold the drain for the whole grace.
         self.state.live.shutdown();
-        self.housekeeping.abort();
+        self.housekeeping.iter().for_each(|task| task.abort());
         let drained = tokio::time::timeout(grace, server).await;
         self.engine.shutdown(grace).await;
         match drained {
@@ -119,5 +152,36 @@ impl App {
                 Ok(())
             }
         }
+    }
+}
+
+/// Re-reads the key files on every SIGHUP, so that a JWKS can be rotated without a restart. A
+/// file that fails to load keeps the previous keys in force.
+fn reload_keys_on_sighup(verifier: Arc<Verifier>) -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP: token keys will not be reloaded");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match verifier.reload() {
+                    Ok(keys) => tracing::info!(keys, "SIGHUP: reloaded the token keys"),
+                    Err(error) => {
+                        tracing::error!(%error, "SIGHUP: the token keys did not load; the previous ones stay")
+                    }
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = verifier;
+        None
     }
 }

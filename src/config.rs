@@ -1,9 +1,12 @@
 //! Configuration: every setting is an environment variable and the same-named command-line flag.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::auth::{AuthSettings, KeySource, Secret};
 use crate::telemetry::TraceSettings;
 
 /// How logs are written.
@@ -67,6 +70,29 @@ pub struct Config {
     /// Whether to record metrics and serve them at `GET /metrics` (`false` turns both off).
     #[arg(long, env = "METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
+    /// HS256 secret that signs bearer tokens (at least 32 bytes); turns authentication on.
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    pub auth_jwt_secret: Option<Secret>,
+    /// PEM file with the RSA (RS256) or P-256 (ES256) public key of bearer tokens; turns
+    /// authentication on.
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY")]
+    pub auth_jwt_public_key: Option<PathBuf>,
+    /// JWKS file of token keys, chosen by `kid` and re-read on SIGHUP; turns authentication on.
+    #[arg(long, env = "AUTH_JWT_JWKS")]
+    pub auth_jwt_jwks: Option<PathBuf>,
+    /// The `iss` every token must carry.
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+    /// An `aud` every token must carry.
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+    /// Serve without authentication on a non-loopback address, on purpose (behind a gateway
+    /// that authenticates).
+    #[arg(long, env = "AUTH_DISABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_disabled: bool,
+    /// A static bearer token that may read `GET /metrics` (for a Prometheus scraper).
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
     /// Log filter, in tracing's EnvFilter syntax.
     #[arg(long = "rust-log", env = "RUST_LOG", default_value = "info")]
     pub rust_log: String,
@@ -96,7 +122,36 @@ impl Config {
         if self.lease_ms < 30 {
             return Err("LEASE_MS must be at least 30".into());
         }
+        self.auth()?;
         Ok(())
+    }
+
+    /// How callers are authenticated: `None` means not at all, which is allowed only on a
+    /// loopback address or with `AUTH_DISABLED=true` (safe by default).
+    pub fn auth(&self) -> Result<Option<AuthSettings>, String> {
+        let secret = self.auth_jwt_secret.clone().filter(|s| !s.expose().is_empty()).map(KeySource::Secret);
+        let pem = self.auth_jwt_public_key.clone().filter(|p| !p.as_os_str().is_empty()).map(KeySource::PublicKey);
+        let jwks = self.auth_jwt_jwks.clone().filter(|p| !p.as_os_str().is_empty()).map(KeySource::Jwks);
+        let mut sources: Vec<KeySource> = [secret, pem, jwks].into_iter().flatten().collect();
+        let issuer = self.auth_jwt_issuer.clone().filter(|s| !s.is_empty());
+        let audience = self.auth_jwt_audience.clone().filter(|s| !s.is_empty());
+        match (sources.len(), self.auth_disabled) {
+            (0, true) => Ok(None),
+            (0, false) if issuer.is_some() || audience.is_some() => Err(
+                "AUTH_JWT_ISSUER / AUTH_JWT_AUDIENCE are set but no key is: set AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY \
+                 or AUTH_JWT_JWKS"
+                    .into(),
+            ),
+            (0, false) if is_loopback(&self.bind_addr) => Ok(None),
+            (0, false) => Err(format!(
+                "refusing to serve {} without authentication: set AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY or \
+                 AUTH_JWT_JWKS, or AUTH_DISABLED=true if a gateway in front authenticates every request",
+                self.bind_addr
+            )),
+            (1, false) => Ok(Some(AuthSettings { source: sources.remove(0), issuer, audience })),
+            (1, true) => Err("AUTH_DISABLED=true contradicts the AUTH_JWT_* key that is set: choose one".into()),
+            _ => Err("set only one of AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY and AUTH_JWT_JWKS".into()),
+        }
     }
 
     /// Where traces go.
@@ -115,5 +170,54 @@ impl Config {
     /// `SHUTDOWN_GRACE_MS` as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// True when `bind_addr` (`host:port`) listens only on this machine: `127.0.0.0/8`, `[::1]` or
+/// `localhost`. Anything else, `0.0.0.0` included, is reachable from the network.
+pub fn is_loopback(bind_addr: &str) -> bool {
+    if let Ok(addr) = bind_addr.parse::<SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    let host = bind_addr.rsplit_once(':').map_or(bind_addr, |(host, _)| host);
+    host.eq_ignore_ascii_case("localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("order-saga").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn loopback_addresses_are_told_apart() {
+        for addr in ["127.0.0.1:8080", "127.1.2.3:1", "[::1]:8080", "localhost:8080", "LOCALHOST:1"] {
+            assert!(is_loopback(addr), "{addr}");
+        }
+        for addr in ["0.0.0.0:8080", "[::]:8080", "10.0.0.5:80", "example.com:80", "localhost.example:80"] {
+            assert!(!is_loopback(addr), "{addr}");
+        }
+    }
+
+    #[test]
+    fn auth_is_off_only_on_loopback_or_on_purpose() {
+        let secret = "--auth-jwt-secret=0123456789abcdef0123456789abcdef";
+        assert!(config(&["--bind-addr", "127.0.0.1:8080"]).auth().unwrap().is_none());
+        let refused = config(&["--bind-addr", "0.0.0.0:8080"]).auth().unwrap_err();
+        assert!(refused.contains("without authentication"), "{refused}");
+        assert!(config(&["--bind-addr", "0.0.0.0:8080", "--auth-disabled", "true"]).auth().unwrap().is_none());
+        assert!(config(&["--bind-addr", "0.0.0.0:8080", secret]).auth().unwrap().is_some());
+        assert!(config(&[secret, "--auth-disabled", "true"]).auth().is_err());
+        assert!(config(&[secret, "--auth-jwt-jwks", "keys.json"]).auth().is_err());
+        assert!(config(&["--auth-jwt-issuer", "https://issuer.example"]).auth().is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = config(&["--auth-jwt-secret=sekrit-sekrit-sekrit-sekrit-sekrit", "--metrics-token", "scrape-me"]);
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("sekrit") && !printed.contains("scrape-me"), "{printed}");
     }
 }

@@ -70,6 +70,15 @@ pub async fn get(db: &Db, scope: &str, key: &str) -> Result<Option<KeyRecord>, s
     .transpose()
 }
 
+/// True if any record of `scope` exists.
+pub async fn any_in_scope(db: &Db, scope: &str) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query("SELECT 1 FROM idempotency_keys WHERE scope = $1 LIMIT 1")
+        .bind(scope)
+        .fetch_optional(&db.pool)
+        .await?;
+    Ok(row.is_some())
+}
+
 /// Deletes the records created before `cutoff` (ms); returns how many.
 pub async fn purge(db: &Db, cutoff: i64) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")

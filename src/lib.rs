@@ -27,6 +27,8 @@
 
 /// Startup: builds the app from its configuration, apart from serving it.
 pub mod app;
+/// Bearer tokens: verifying a caller's JWT into a principal.
+pub mod auth;
 /// Settings from environment variables and flags.
 pub mod config;
 /// Pools, URLs, migrations and database error classification for PostgreSQL and SQLite.

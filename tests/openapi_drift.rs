@@ -1045,6 +1045,43 @@ async fn request_bounds_in_the_spec_are_the_ones_enforced() {
     app.stop().await;
 }
 
+/// Each operation's `security` names exactly the scopes the access layer accepts for it, and
+/// every operation that needs a token declares its 401 and 403.
+#[test]
+fn operation_security_is_the_access_rule() {
+    let doc = spec();
+    for (template, method) in spec_operations(&doc) {
+        let op = operation(&doc, &template, &method).unwrap();
+        let requirements =
+            op["security"].as_array().unwrap_or_else(|| panic!("{method} {template} states its security"));
+        let mut declared: BTreeSet<String> = BTreeSet::new();
+        for requirement in requirements {
+            for (scheme, scopes) in requirement.as_object().unwrap() {
+                match scheme.as_str() {
+                    "bearerAuth" => declared.extend(string_set(scopes)),
+                    "metricsToken" => {
+                        declared.insert("metrics_token".to_string());
+                    }
+                    other => panic!("{method} {template}: unknown security scheme {other}"),
+                }
+            }
+        }
+        let verb = axum::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let accepted: BTreeSet<String> =
+            order_saga::http::access::accepted_scopes(&verb, &template).iter().map(|s| s.to_string()).collect();
+        assert_eq!(declared, accepted, "{method} {template}: the spec's security and the access rule differ");
+        let secured = !accepted.is_empty();
+        for status in [401, 403] {
+            assert_eq!(
+                declared_response(&doc, op, status).is_some(),
+                secured,
+                "{method} {template}: a {status} is declared exactly when a token is needed"
+            );
+        }
+        assert!(doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_document_is_the_committed_file() {
     let app = spawn_app().await;

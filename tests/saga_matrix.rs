@@ -101,7 +101,7 @@ impl Subject for CancelOrderSaga {
         let placed = app.state.orders.place(request, None, false).await.unwrap().order;
         assert_eq!(placed.status, OrderStatus::Confirmed);
         // Waits ORDER_WAIT_MS at most; the answer is moot, the saga goes on in its own task.
-        let _ = app.state.orders.cancel(&placed.id).await;
+        let _ = app.state.orders.cancel(&placed.id, None).await;
         let order = app.state.orders.get(&placed.id).await.unwrap();
         Started { saga_id: order.cancel_saga_id.expect("the cancel saga is written ahead"), order_id: placed.id }
     }

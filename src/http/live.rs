@@ -15,6 +15,7 @@ use futures_core::Stream;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::access::Caller;
 use super::orders::view;
 use super::problem::ApiResult;
 use crate::db::rfc3339;
@@ -37,6 +38,7 @@ fn sse(stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -
 /// then the end of the stream.
 pub async fn order_events(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -50,8 +52,14 @@ pub async fn order_events(
         None => None,
     };
     let watch = state.live.watch_order(&id, last.as_deref()).await?;
+    if caller.own_customer().is_some_and(|own| own != watch.order.customer_id) {
+        // Exactly what an order that does not exist answers, so that order ids leak nothing.
+        return Err(Error::NotFound(format!("order {id:?}")).into());
+    }
     let first = order_event(&view(&watch.order));
-    Ok(sse(OrderEvents { first: Some(first), watch, done: false }))
+    // A customer sees the steps and their states, not the errors behind them.
+    let details = caller.own_customer().is_none();
+    Ok(sse(OrderEvents { first: Some(first), watch, done: false, details }))
 }
 
 fn order_event(order: &Value) -> Event {
@@ -63,6 +71,8 @@ struct OrderEvents {
     first: Option<Event>,
     watch: OrderWatch,
     done: bool,
+    /// Whether `saga` events carry their `detail` (error texts); not for a customer.
+    details: bool,
 }
 
 impl Stream for OrderEvents {
@@ -84,7 +94,7 @@ impl Stream for OrderEvents {
                     "seq": step.event.seq,
                     "step": step.event.step,
                     "event": step.event.kind.as_str(),
-                    "detail": step.event.detail,
+                    "detail": if this.details { step.event.detail } else { None },
                     "at": rfc3339(step.event.at),
                 });
                 Some(Ok(Event::default().event("saga").id(step.cursor.to_string()).data(data.to_string())))

@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, the tower-http middleware stack, and the shared state handlers use.
 //! It knows the services, never SQL.
 
+pub mod access;
 pub mod extract;
 pub mod live;
 pub mod orders;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub metrics: Option<Arc<Metrics>>,
     /// The live-progress hub behind the event streams.
     pub live: Live,
+    /// Who may call: the token verifier (none with authentication off).
+    pub access: access::Access,
 }
 
 /// HTTP settings.
@@ -122,6 +125,9 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
         .layer(middleware::map_response(problem::problem_for_bare_errors))
+        // Inside CORS, so that a browser can read a 401 / 403; outside the handlers' limits, so
+        // that an unauthenticated caller costs no body read.
+        .layer(middleware::from_fn_with_state(state.access.clone(), access::authenticate))
         .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
@@ -168,6 +174,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([
+            header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
             HeaderName::from_static("prefer"),
@@ -176,6 +183,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         ])
         .expose_headers([
             header::LOCATION,
+            header::WWW_AUTHENTICATE,
             header::RETRY_AFTER,
             HeaderName::from_static("idempotent-replayed"),
             HeaderName::from_static("x-request-id"),

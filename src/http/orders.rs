@@ -10,13 +10,14 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::access::{self, Caller};
 use super::extract::{self, Fields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
 use crate::idempotency;
 use crate::inventory::Line;
-use crate::orders::{FailureCode, Order, OrderStatus, PlaceOrder};
+use crate::orders::{FailureCode, IdempotencyKey, Order, OrderStatus, PlaceOrder};
 
 /// The API's view of an order.
 pub fn view(o: &Order) -> Value {
@@ -65,14 +66,33 @@ fn parse_place(object: &serde_json::Map<String, Value>) -> Result<PlaceOrder, Pr
     }
 }
 
-/// `POST /orders`: 201 confirmed, 202 pending, 409/422 rejected (see the OpenAPI spec).
-pub async fn place(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+/// `POST /orders`: 201 confirmed, 202 pending, 409/422 rejected (see the OpenAPI spec). With
+/// authentication on, `customer_id` defaults to the caller's `sub`, and a customer may place
+/// orders only for themselves.
+pub async fn place(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let key = extract::idempotency_key(&headers)?;
-    let object = extract::json_object(&headers, &body)?;
+    let mut object = extract::json_object(&headers, &body)?;
+    if let Some(principal) = caller.principal() {
+        // Before the fingerprint, so that a retry that omits it replays one that named it.
+        object.entry("customer_id").or_insert_with(|| Value::from(principal));
+    }
     let request = parse_place(&object)?;
-    let key = key.map(|k| (k, idempotency::fingerprint(&Value::Object(object))));
+    if caller.own_customer().is_some_and(|own| own != request.customer_id) {
+        return Ok(access::forbidden("admin"));
+    }
+    let fingerprint = key.as_ref().map(|_| idempotency::fingerprint(&Value::Object(object)));
+    let key = key.as_deref().zip(fingerprint).map(|(key, fingerprint)| IdempotencyKey {
+        key,
+        fingerprint,
+        principal: caller.principal(),
+    });
     let respond_async = extract::prefers_async(&headers);
-    let placed = state.orders.place(request, key.as_ref().map(|(k, f)| (k.as_str(), f.clone())), respond_async).await?;
+    let placed = state.orders.place(request, key, respond_async).await?;
     let mut response = if respond_async && !placed.replayed && placed.order.status != OrderStatus::Rejected {
         // The client asked not to wait: 202 whatever the saga has done meanwhile. A replay
         // answers like the first request did, from the order as it now stands.
@@ -121,16 +141,17 @@ fn accepted(order: &Order, location: String) -> Response {
         .into_response()
 }
 
-/// `GET /orders/{id}`.
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(view(&state.orders.get(&id).await?)))
+/// `GET /orders/{id}`: a customer's own orders only.
+pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(view(&state.orders.get_owned(&id, caller.own_customer()).await?)))
 }
 
-/// `GET /orders?customer_id=&status=&limit=&cursor=`: newest first.
+/// `GET /orders?customer_id=&status=&limit=&cursor=`: newest first; a customer's own only.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let mut errors = Vec::new();
     let limit = extract::limit(&params, &mut errors);
     let status = params.get("status").and_then(|s| {
@@ -143,15 +164,19 @@ pub async fn list(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let customer = params.get("customer_id").map(String::as_str);
+    let customer = match (params.get("customer_id").map(String::as_str), caller.own_customer()) {
+        (Some(asked), Some(own)) if asked != own => return Ok(access::forbidden("admin")),
+        (asked, own) => own.or(asked),
+    };
     let cursor = params.get("cursor").map(String::as_str);
     let orders = state.orders.list(customer, status, cursor, limit + 1).await?;
-    Ok(Json(extract::page(orders, limit, view, |o| o.id.clone())))
+    Ok(Json(extract::page(orders, limit, view, |o| o.id.clone())).into_response())
 }
 
 /// `POST /orders/{id}/cancel`: 200 once cancelled and its stock returned, 202 while that runs.
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let cancelled = state.orders.cancel(&id).await.map_err(|e| match e {
+/// A customer cancels their own orders only.
+pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+    let cancelled = state.orders.cancel(&id, caller.own_customer()).await.map_err(|e| match e {
         Error::NotFound(_) => Error::NotFound(format!("order {id:?}")),
         other => other,
     })?;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::access::Caller;
 use super::extract::{self, Fields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
@@ -81,11 +82,12 @@ async fn detail(state: &AppState, id: &str) -> ApiResult<Json<Value>> {
 /// `POST /sagas/{id}/retry`: the saga's current step is attempted now.
 pub async fn retry(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let by = operator(&headers, &body)?;
+    let by = operator(&caller, &headers, &body)?;
     state.engine.retry(&id, &by).await.map_err(Error::from)?;
     detail(&state, &id).await
 }
@@ -93,11 +95,12 @@ pub async fn retry(
 /// `POST /sagas/{id}/abort`: a saga short of its pivot turns backward now.
 pub async fn abort(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let by = operator(&headers, &body)?;
+    let by = operator(&caller, &headers, &body)?;
     state.engine.abort(&id, &by).await.map_err(Error::from)?;
     detail(&state, &id).await
 }
@@ -105,13 +108,14 @@ pub async fn abort(
 /// `POST /sagas/retry?state=&kind=&stuck=`: retries every unfinished saga that matches.
 pub async fn retry_matching(
     State(state): State<AppState>,
+    caller: Caller,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
     let filter = filter(&params, &mut errors);
-    let by = operator(&headers, &body);
+    let by = operator(&caller, &headers, &body);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
@@ -119,12 +123,16 @@ pub async fn retry_matching(
     Ok(Json(json!({ "retried": retried })))
 }
 
-/// Who asks for an operator action and why, from the body `{"actor", "reason"}`.
-fn operator(headers: &HeaderMap, body: &Bytes) -> ApiResult<Operator> {
+/// Who asks for an operator action and why: the authenticated principal, or with
+/// authentication off the body's `actor`; the body's `reason` always.
+fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Operator> {
     let object = extract::json_object(headers, body)?;
     let mut errors = Vec::new();
     let mut fields = Fields::new(&object, "", &mut errors);
-    let actor = fields.string("actor", 1, 100);
+    let actor = match caller.principal() {
+        Some(principal) => Some(principal.to_string()),
+        None => fields.string("actor", 1, 100),
+    };
     let reason = fields.string("reason", 1, 500);
     for (name, value) in [("actor", &actor), ("reason", &reason)] {
         if value.as_deref().is_some_and(|v| v.trim().is_empty()) {

@@ -8,6 +8,9 @@ pub mod cancel_order;
 pub mod place_order;
 pub mod store;
 
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::db::now_ms;
@@ -32,8 +35,30 @@ fn start_error(error: StartError) -> Error {
     }
 }
 
-/// The idempotency-key scope of `POST /orders`.
+/// The idempotency-key scope of `POST /orders` with authentication off: one key space for all.
 const PLACE_SCOPE: &str = "POST /orders";
+
+/// An `Idempotency-Key` sent with a placement.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey<'a> {
+    /// The client's key.
+    pub key: &'a str,
+    /// The fingerprint of the request body, `customer_id` filled in.
+    pub fingerprint: String,
+    /// The authenticated principal, whose keys are theirs alone; `None` with authentication off.
+    pub principal: Option<&'a str>,
+}
+
+impl IdempotencyKey<'_> {
+    /// The key's scope: the endpoint, and with authentication on the principal too, so that the
+    /// same key from two customers is two keys.
+    fn scope(&self) -> Cow<'static, str> {
+        match self.principal {
+            None => Cow::Borrowed(PLACE_SCOPE),
+            Some(principal) => Cow::Owned(format!("{PLACE_SCOPE} {principal}")),
+        }
+    }
+}
 
 /// A validated request to place an order.
 #[derive(Debug, Clone)]
@@ -68,20 +93,43 @@ pub struct Orders {
     engine: Engine,
     inventory: Inventory,
     wait: Duration,
+    /// Whether keys recorded with authentication off may still exist: a principal's key is then
+    /// looked up there too, so that it keeps replaying for the customer whose order it made.
+    legacy_keys: Arc<AtomicBool>,
 }
 
 impl Orders {
     /// The service over `engine` (whose log database holds the orders) and `inventory`.
     /// `wait` is `ORDER_WAIT_MS`: how long a request waits for its saga.
     pub fn new(engine: Engine, inventory: Inventory, wait: Duration) -> Self {
-        Self { engine, inventory, wait }
+        Self { engine, inventory, wait, legacy_keys: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Looks whether keys recorded with authentication off remain (with it on, none are added,
+    /// so once they expire the lookup of [`Orders::place`] stops). Returns the answer.
+    pub async fn check_legacy_keys(&self) -> Result<bool> {
+        let any = idempotency::any_in_scope(self.engine.log_db(), PLACE_SCOPE).await?;
+        self.legacy_keys.store(any, Ordering::Relaxed);
+        Ok(any)
     }
 
     /// Places an order: writes it ahead with its saga (and key), runs the saga in its own task
     /// and waits for it up to `ORDER_WAIT_MS` unless `respond_async`. With a key seen before,
     /// starts nothing and answers with that key's order.
-    pub async fn place(&self, request: PlaceOrder, key: Option<(&str, String)>, respond_async: bool) -> Result<Placed> {
+    pub async fn place(
+        &self,
+        request: PlaceOrder,
+        key: Option<IdempotencyKey<'_>>,
+        respond_async: bool,
+    ) -> Result<Placed> {
         self.check_total(&request).await?;
+        if let Some(key) = key.as_ref().filter(|k| k.principal.is_some()) {
+            if self.legacy_keys.load(Ordering::Relaxed) {
+                if let Some(placed) = self.replay_legacy(key, respond_async).await? {
+                    return Ok(placed);
+                }
+            }
+        }
         let mut items = request.items.clone();
         items.sort_by(|a, b| a.product_id.cmp(&b.product_id));
         let order = Order {
@@ -101,11 +149,12 @@ impl Orders {
         };
         let input = PlaceOrderInput { order_id: order.id.clone(), customer_id: order.customer_id.clone(), items };
         let engine = self.engine.clone();
-        let record = key.as_ref().map(|(key, fingerprint)| {
+        let record = key.as_ref().map(|key| {
             (
-                key.to_string(),
+                key.scope(),
+                key.key.to_string(),
                 KeyRecord {
-                    fingerprint: fingerprint.clone(),
+                    fingerprint: key.fingerprint.clone(),
                     saga_id: order.saga_id.clone(),
                     order_id: order.id.clone(),
                 },
@@ -117,8 +166,8 @@ impl Orders {
         let written = telemetry::spawn(async move {
             let ahead = engine.write_ahead(place_order::KIND, pending.saga_id.clone(), &input)?;
             let mut rows = Vec::with_capacity(4);
-            if let Some((key, record)) = &record {
-                rows.push(idempotency::claim(PLACE_SCOPE, key, record, pending.created_at));
+            if let Some((scope, key, record)) = &record {
+                rows.push(idempotency::claim(scope, key, record, pending.created_at));
             }
             rows.push(store::insert_pending(&pending));
             match engine.start(ahead, rows, None).await {
@@ -130,8 +179,11 @@ impl Orders {
         })
         .await??;
         if !written {
-            let (key, fingerprint) = key.as_ref().expect("only a key can be taken already");
-            return self.replay(key, fingerprint, respond_async).await;
+            let key = key.as_ref().expect("only a key can be taken already");
+            let record = idempotency::get(self.engine.log_db(), &key.scope(), key.key)
+                .await?
+                .ok_or_else(|| Error::Internal("idempotency key vanished between claim and read".into()))?;
+            return self.replay(&record, &key.fingerprint, respond_async).await;
         }
         if respond_async {
             return Ok(Placed { order, replayed: false });
@@ -145,10 +197,18 @@ impl Orders {
         Ok(Placed { order, replayed: false })
     }
 
-    async fn replay(&self, key: &str, fingerprint: &str, respond_async: bool) -> Result<Placed> {
-        let record = idempotency::get(self.engine.log_db(), PLACE_SCOPE, key)
-            .await?
-            .ok_or_else(|| Error::Internal("idempotency key vanished between claim and read".into()))?;
+    /// The replay of a key recorded with authentication off, if it made an order of this
+    /// principal's.
+    async fn replay_legacy(&self, key: &IdempotencyKey<'_>, respond_async: bool) -> Result<Option<Placed>> {
+        let Some(record) = idempotency::get(self.engine.log_db(), PLACE_SCOPE, key.key).await? else { return Ok(None) };
+        let order = self.get(&record.order_id).await?;
+        if Some(order.customer_id.as_str()) != key.principal {
+            return Ok(None);
+        }
+        self.replay(&record, &key.fingerprint, respond_async).await.map(Some)
+    }
+
+    async fn replay(&self, record: &KeyRecord, fingerprint: &str, respond_async: bool) -> Result<Placed> {
         if record.fingerprint != fingerprint {
             return Err(Error::IdempotencyKeyReused);
         }
@@ -183,8 +243,9 @@ impl Orders {
 
     /// Cancels a confirmed order through `cancel_order`, waiting up to `ORDER_WAIT_MS` for it.
     /// A cancelled order answers again; a pending or rejected one cannot be cancelled.
-    pub async fn cancel(&self, id: &str) -> Result<Cancelled> {
-        let order = self.get(id).await?;
+    /// With `owner`, only that customer's order can be cancelled: another's is not found.
+    pub async fn cancel(&self, id: &str, owner: Option<&str>) -> Result<Cancelled> {
+        let order = self.get_owned(id, owner).await?;
         let cancel_saga_id = match (order.status, &order.cancel_saga_id) {
             (OrderStatus::Confirmed, Some(existing)) if self.settled_without_cancelling(existing).await? => {
                 // Its cancel saga was aborted before its pivot: the order is cancellable again.
@@ -243,6 +304,16 @@ impl Orders {
     /// Reads one order.
     pub async fn get(&self, id: &str) -> Result<Order> {
         store::get(self.engine.log_db(), id).await?.ok_or_else(|| Error::NotFound(format!("order {id:?}")))
+    }
+
+    /// Reads one order that, with `owner`, must be that customer's: another's is not found,
+    /// exactly like an order that does not exist, so that order ids leak nothing.
+    pub async fn get_owned(&self, id: &str, owner: Option<&str>) -> Result<Order> {
+        let order = self.get(id).await?;
+        match owner {
+            Some(owner) if owner != order.customer_id => Err(Error::NotFound(format!("order {id:?}"))),
+            _ => Ok(order),
+        }
     }
 
     /// Lists orders newest first.
