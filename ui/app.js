@@ -237,6 +237,23 @@
     if (!$("action-dialog").open) $("auth-token").focus();
   }
 
+  /**
+   * The `sub` claim of the held token, which the service records as the actor of an operator
+   * action: read from the token's payload for display only (the service verifies the token).
+   */
+  function tokenSubject() {
+    const token = currentToken();
+    if (!token) return null;
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(part.padEnd(Math.ceil(part.length / 4) * 4, "=")), (c) => c.charCodeAt(0));
+      const claims = JSON.parse(new TextDecoder().decode(bytes));
+      return typeof claims.sub === "string" && claims.sub ? claims.sub : null;
+    } catch {
+      return null;
+    }
+  }
+
   function renderAuth() {
     $("sign-out").hidden = !currentToken();
   }
@@ -981,6 +998,7 @@
     saga_finished: "This saga has already finished.",
     saga_not_found: "There is no such saga.",
     validation_failed: "Give your name (up to 100 characters) and a reason (up to 500).",
+    reason_missing: "Give a reason (up to 500 characters).",
     network: "The service cannot be reached.",
     unauthorized: "The service needs an admin token. Cancel, then enter one.",
     forbidden: "This token lacks the admin scope. Cancel, then enter a token with the admin scope.",
@@ -1004,6 +1022,13 @@
     $("action-submit").className = kind === "abort" ? "danger" : "";
     $("action-error").hidden = true;
     $("action-reason").value = "";
+    // With a token the service records its subject as the actor, so there is no name to type.
+    const signedIn = Boolean(currentToken());
+    $("action-actor-field").hidden = signedIn;
+    $("action-actor").required = !signedIn;
+    $("action-as").hidden = !signedIn;
+    const subject = tokenSubject();
+    $("action-as").textContent = subject ? `Recorded as ${subject}, from your token.` : "Recorded as your token's subject.";
     let actor = "";
     try {
       actor = localStorage.getItem(ACTOR_KEY) || "";
@@ -1012,7 +1037,7 @@
     }
     $("action-actor").value = actor;
     dialog.showModal();
-    (actor ? $("action-reason") : $("action-actor")).focus();
+    (actor || signedIn ? $("action-reason") : $("action-actor")).focus();
   }
 
   function closeDialog() {
@@ -1022,17 +1047,18 @@
   async function submitDialog() {
     const action = dialogAction;
     if (!action) return;
-    const actor = $("action-actor").value.trim();
+    const signedIn = $("action-actor-field").hidden; // as the dialog was opened
+    const actor = signedIn ? "" : $("action-actor").value.trim();
     const reason = $("action-reason").value.trim();
     const error = $("action-error");
-    if (!actor || !reason) {
-      error.textContent = MESSAGES.validation_failed;
+    if ((!signedIn && !actor) || !reason) {
+      error.textContent = signedIn ? MESSAGES.reason_missing : MESSAGES.validation_failed;
       error.hidden = false;
       return;
     }
     $("action-submit").disabled = true;
     try {
-      const body = { actor, reason };
+      const body = signedIn ? { reason } : { actor, reason };
       if (action.kind === "retry-stuck") {
         const f = sagaFilter();
         const answer = await api("/sagas/retry" + query({ stuck: "true", kind: f.kind, state: f.state }), { method: "POST", body });
@@ -1048,7 +1074,7 @@
         announce(`${action.kind === "retry" ? "Retry" : "Abort"} of saga ${shortId(action.sagaId)} recorded`);
       }
       try {
-        localStorage.setItem(ACTOR_KEY, actor);
+        if (actor) localStorage.setItem(ACTOR_KEY, actor);
       } catch {
         // Not remembered; nothing else depends on it.
       }
