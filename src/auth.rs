@@ -133,12 +133,17 @@ pub struct Principal {
     pub orders: bool,
     /// The `admin` scope: operators and the back office.
     pub admin: bool,
+    /// When the token stops being accepted (`exp` plus the leeway), in seconds since the epoch:
+    /// a stream it opened ends then.
+    pub expires_at: u64,
 }
 
 /// The claims this service reads; the registered ones it checks are validated by jsonwebtoken.
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Required and checked by the validation; read here for [`Principal::expires_at`].
+    exp: Option<f64>,
     #[serde(default)]
     scope: Option<String>,
 }
@@ -200,7 +205,8 @@ impl Verifier {
         let subject = subject.ok_or(TokenError::BadSubject)?;
         let scope = data.claims.scope.unwrap_or_default();
         let has = |name: &str| scope.split(' ').any(|s| s == name);
-        Ok(Principal { subject, orders: has("orders"), admin: has("admin") })
+        let expires_at = data.claims.exp.map_or(0, |exp| exp.max(0.0) as u64).saturating_add(LEEWAY_SECS);
+        Ok(Principal { subject, orders: has("orders"), admin: has("admin"), expires_at })
     }
 }
 
@@ -316,8 +322,10 @@ mod tests {
 
     #[test]
     fn a_good_token_names_its_principal_and_scopes() {
-        let p = verifier().verify(&token(good())).unwrap();
-        assert_eq!(p, Principal { subject: "alice".into(), orders: true, admin: false });
+        let claims = good();
+        let p = verifier().verify(&token(claims.clone())).unwrap();
+        let expires_at = claims["exp"].as_u64().unwrap() + LEEWAY_SECS;
+        assert_eq!(p, Principal { subject: "alice".into(), orders: true, admin: false, expires_at });
         let mut both = good();
         both["scope"] = json!("admin orders");
         assert!(verifier().verify(&token(both)).unwrap().admin);

@@ -433,3 +433,45 @@ async fn a_stream_served_by_another_instance_sees_the_saga_live() {
     watcher.stop().await;
     runner.stop().await;
 }
+
+/// A stream opened with a token ends when the token does (its `exp` plus the 30 s leeway), so
+/// that it cannot outlive it; the client reconnects with a fresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires() {
+    const SECRET: &str = "stream-expiry-test-secret-0123456789";
+    let dbs = fresh_databases().await;
+    let mut config = config(&dbs);
+    config.auth_jwt_secret = Some(SECRET.parse().unwrap());
+    let app = spawn_app_with(config, None).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = |exp: u64| {
+        let claims = json!({"sub": "ops-1", "scope": "admin", "exp": exp});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let open = |token: String| {
+        let request = app.client.get(app.url("/sagas/events")).bearer_auth(token);
+        async move { request.send().await.unwrap() }
+    };
+    // Expired 27 s ago: accepted within the leeway for about 3 s more.
+    let mut ending = open(token(now - 27)).await;
+    assert_eq!(ending.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while ending.chunk().await.expect("the stream ends cleanly").is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream of an expiring token ended");
+    // A token good for an hour keeps its stream open past that point.
+    let mut lasting = open(token(now + 3600)).await;
+    assert_eq!(lasting.status(), 200);
+    let still_open = tokio::time::timeout(Duration::from_secs(6), async {
+        while lasting.chunk().await.expect("no error").is_some() {}
+    })
+    .await;
+    assert!(still_open.is_err(), "the stream of a lasting token is still open");
+    app.stop().await;
+}

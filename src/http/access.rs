@@ -11,6 +11,7 @@
 //! | anything else (answered 404 / 405) | any valid token |
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -59,6 +60,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| Problem::for_status(StatusCode::INTERNAL_SERVER_ERROR))
     }
 }
+
+/// When the caller's token stops being accepted: a stream it opened ends then, so that a long
+/// stream does not outlive its token. Absent with authentication off.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry(pub SystemTime);
 
 /// What the middleware needs: the verifier (none with authentication off) and the metrics token.
 #[derive(Clone, Default)]
@@ -138,6 +144,8 @@ pub async fn authenticate(State(access): State<Access>, mut request: Request, ne
     if !allowed {
         return forbidden(if need == Need::OrdersOrAdmin { "orders" } else { "admin" });
     }
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(principal.expires_at);
+    request.extensions_mut().insert(Expiry(expiry));
     request.extensions_mut().insert(caller(principal));
     next.run(request).await
 }

@@ -3,10 +3,12 @@
 //! for the dashboard). The streams are fed by the instance's one poller ([`crate::live`]).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -15,7 +17,7 @@ use futures_core::Stream;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::access::Caller;
+use super::access::{Caller, Expiry};
 use super::orders::view;
 use super::problem::ApiResult;
 use crate::db::rfc3339;
@@ -39,6 +41,7 @@ fn sse(stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -
 pub async fn order_events(
     State(state): State<AppState>,
     caller: Caller,
+    expiry: Option<Extension<Expiry>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -59,7 +62,7 @@ pub async fn order_events(
     let first = order_event(&view(&watch.order));
     // A customer sees the steps and their states, not the errors behind them.
     let details = caller.own_customer().is_none();
-    Ok(sse(OrderEvents { first: Some(first), watch, done: false, details }))
+    Ok(sse(UntilExpiry::new(OrderEvents { first: Some(first), watch, done: false, details }, expiry)))
 }
 
 fn order_event(order: &Value) -> Event {
@@ -109,8 +112,38 @@ impl Stream for OrderEvents {
 
 /// `GET /sagas/events`: a `saga` event per saga change: first every unfinished or recently
 /// created saga, then each saga created or whose history grew, on any instance.
-pub async fn saga_events(State(state): State<AppState>) -> Response {
-    sse(FeedEvents { watch: state.live.watch_sagas() })
+pub async fn saga_events(State(state): State<AppState>, expiry: Option<Extension<Expiry>>) -> Response {
+    sse(UntilExpiry::new(FeedEvents { watch: state.live.watch_sagas() }, expiry))
+}
+
+/// A stream that ends when the token that opened it expires; the client reconnects with a
+/// fresh token (and `Last-Event-ID`), so a revoked or expired token stops reading.
+struct UntilExpiry<S> {
+    inner: S,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> UntilExpiry<S> {
+    fn new(inner: S, expiry: Option<Extension<Expiry>>) -> Self {
+        let deadline = expiry.map(|Extension(Expiry(at))| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            Box::pin(tokio::time::sleep(left))
+        });
+        Self { inner, deadline }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for UntilExpiry<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
 }
 
 /// The body of the global feed.
