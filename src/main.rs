@@ -1,6 +1,7 @@
 //! The `order-saga` binary: read the configuration, set up logging, build, serve until SIGTERM
 //! or Ctrl-C.
 
+use std::future::Future;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -43,6 +44,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let shutdown = shutdown_signal();
     let listener = match tokio::net::TcpListener::bind(&config.bind_addr).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -51,7 +53,7 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(addr = %config.bind_addr, "order-saga listening");
-    let served = app.serve(listener, shutdown_signal(), config.shutdown_grace()).await;
+    let served = app.serve(listener, shutdown, config.shutdown_grace()).await;
     // The last spans are exported by tasks of this runtime, which the flush waits for.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match served {
@@ -63,24 +65,37 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on SIGTERM or Ctrl-C. The handlers are in place when this returns, not at the first
+/// poll: a signal between the `listening` line and serving (a supervisor, a test) is then a
+/// graceful shutdown instead of the default action, death without releasing leases.
+#[cfg(unix)]
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = received(signal(SignalKind::terminate()));
+    let int = received(signal(SignalKind::interrupt()));
+    async move {
+        tokio::select! {
+            _ = term => {},
+            _ = int => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    }
+}
+
+/// Waits for a signal registered beforehand; never, if it could not be.
+#[cfg(unix)]
+async fn received(signal: std::io::Result<tokio::signal::unix::Signal>) {
+    match signal {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
