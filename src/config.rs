@@ -1,5 +1,6 @@
 //! Configuration: every setting is an environment variable and the same-named command-line flag.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -115,5 +116,78 @@ impl Config {
     /// `SHUTDOWN_GRACE_MS` as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// Whether `bind_addr` (a `BIND_ADDR` value) listens on the loopback interface only, where
+/// nothing crosses a network: rules that depend on exposure (the plain-HTTP warning, refusing to
+/// run without auth) ask this. Knows `127.0.0.0/8`, `::1` (also IPv4-mapped), `localhost` and
+/// `localhost.`, with or without a port and brackets. Any other host name is not resolved and
+/// counts as not loopback, and so do `0.0.0.0` and `[::]`, which listen on every interface.
+pub fn is_loopback(bind_addr: &str) -> bool {
+    let addr = bind_addr.trim();
+    if let Ok(socket) = addr.parse::<SocketAddr>() {
+        return socket.ip().to_canonical().is_loopback();
+    }
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => addr,
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_addresses() {
+        for addr in [
+            "127.0.0.1:8080",
+            "127.0.0.1:0",
+            "127.1.2.3:80",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[::1]",
+            "::1",
+            "[::ffff:127.0.0.1]:8080",
+            "localhost:8080",
+            "localhost",
+            "LocalHost:8080",
+            "localhost.:8080",
+            " 127.0.0.1:8080 ",
+        ] {
+            assert!(is_loopback(addr), "{addr} is loopback");
+        }
+    }
+
+    #[test]
+    fn addresses_that_reach_a_network() {
+        for addr in [
+            "0.0.0.0:8080",
+            "0.0.0.0",
+            "[::]:8080",
+            "::",
+            "192.168.1.10:8080",
+            "10.0.0.1:80",
+            "[2001:db8::1]:443",
+            "[::ffff:10.0.0.1]:80",
+            "example.com:8080",
+            "myhost:8080",
+            "localhost.example.com:8080",
+            "notlocalhost:8080",
+            "",
+            ":8080",
+        ] {
+            assert!(!is_loopback(addr), "{addr} is not loopback");
+        }
     }
 }
