@@ -1,6 +1,7 @@
 //! Configuration: every setting is an environment variable and the same-named command-line flag.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -29,6 +30,13 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: String,
+    /// PEM certificate chain (the server's certificate first) to serve HTTPS with; needs
+    /// TLS_KEY_FILE. Unset, the service speaks plain HTTP.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of TLS_CERT_FILE's certificate.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
     /// How long POST /orders and a cancel wait for their saga before answering 202.
     #[arg(long, env = "ORDER_WAIT_MS", default_value_t = 5000)]
     pub order_wait_ms: u64,
@@ -97,7 +105,25 @@ impl Config {
         if self.lease_ms < 30 {
             return Err("LEASE_MS must be at least 30".into());
         }
+        let set = |file: &Option<PathBuf>| file.as_ref().is_some_and(|f| !f.as_os_str().is_empty());
+        match (set(&self.tls_cert_file), set(&self.tls_key_file)) {
+            (true, false) => {
+                return Err("TLS_CERT_FILE is set but TLS_KEY_FILE is not: set both to serve HTTPS, or neither".into());
+            }
+            (false, true) => {
+                return Err("TLS_KEY_FILE is set but TLS_CERT_FILE is not: set both to serve HTTPS, or neither".into());
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// The certificate and key files when HTTPS is asked for (both set and not empty; `validate`
+    /// refuses one without the other).
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        let cert = self.tls_cert_file.as_deref().filter(|f| !f.as_os_str().is_empty())?;
+        let key = self.tls_key_file.as_deref().filter(|f| !f.as_os_str().is_empty())?;
+        Some((cert, key))
     }
 
     /// Where traces go.
@@ -189,5 +215,21 @@ mod tests {
         ] {
             assert!(!is_loopback(addr), "{addr} is not loopback");
         }
+    }
+
+    #[test]
+    fn tls_settings_go_together() {
+        let mut config = Config::try_parse_from(["order-saga"]).unwrap();
+        config.tls_cert_file = None;
+        config.tls_key_file = None;
+        assert!(config.validate().is_ok());
+        assert!(config.tls_files().is_none());
+        config.tls_cert_file = Some("cert.pem".into());
+        assert!(config.validate().unwrap_err().contains("TLS_KEY_FILE is not"));
+        config.tls_key_file = Some("key.pem".into());
+        assert!(config.validate().is_ok());
+        assert_eq!(config.tls_files(), Some((Path::new("cert.pem"), Path::new("key.pem"))));
+        config.tls_cert_file = Some("".into());
+        assert!(config.validate().unwrap_err().contains("TLS_CERT_FILE is not"));
     }
 }

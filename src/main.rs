@@ -5,7 +5,9 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::Parser;
-use order_saga::{app, config::Config, db, telemetry};
+use order_saga::config::Config;
+use order_saga::tls::{self, TlsListener};
+use order_saga::{app, db, telemetry};
 
 // The service allocates on every request and statement; mimalloc spends markedly less CPU on
 // that than the system allocator (see bench/README.md).
@@ -26,6 +28,14 @@ async fn main() -> ExitCode {
         eprintln!("order-saga: {message}");
         return ExitCode::from(2);
     }
+    // Before anything else starts: a certificate that cannot be served is a configuration error.
+    let tls = match config.tls_files().map(|(cert, key)| tls::server_config(cert, key)).transpose() {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("order-saga: {error}");
+            return ExitCode::from(2);
+        }
+    };
     // One process per SQLite file: hold its lock for the process's whole life.
     let mut locks = Vec::new();
     for url in [Some(&config.database_url), config.inventory_database_url.as_ref()].into_iter().flatten() {
@@ -52,8 +62,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %config.bind_addr, "order-saga listening");
-    let served = app.serve(listener, shutdown, config.shutdown_grace()).await;
+    // The bound address, not BIND_ADDR: with port 0 it says which port was chosen.
+    let addr = listener.local_addr().map_or_else(|_| config.bind_addr.clone(), |a| a.to_string());
+    tracing::info!(%addr, tls = tls.is_some(), "order-saga listening");
+    let grace = config.shutdown_grace();
+    let served = match tls {
+        Some(tls) => app.serve(TlsListener::new(listener, tls), shutdown, grace).await,
+        None => app.serve(listener, shutdown, grace).await,
+    };
     // The last spans are exported by tasks of this runtime, which the flush waits for.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match served {
