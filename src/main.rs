@@ -5,7 +5,7 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::Parser;
-use order_saga::config::Config;
+use order_saga::config::{self, Config};
 use order_saga::tls::{self, TlsListener};
 use order_saga::{app, db, telemetry};
 
@@ -62,6 +62,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if tls.is_none() && !config::is_loopback(&config.bind_addr) {
+        tracing::warn!(
+            addr = %config.bind_addr,
+            "serving plain HTTP on an address that is not loopback: bearer tokens and all data cross \
+             the network in clear; set TLS_CERT_FILE and TLS_KEY_FILE (PEM) to serve HTTPS, or bind \
+             127.0.0.1 behind a TLS-terminating proxy"
+        );
+    }
     // The bound address, not BIND_ADDR: with port 0 it says which port was chosen.
     let addr = listener.local_addr().map_or_else(|_| config.bind_addr.clone(), |a| a.to_string());
     tracing::info!(%addr, tls = tls.is_some(), "order-saga listening");

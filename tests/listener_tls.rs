@@ -1,6 +1,6 @@
 //! HTTPS on the listener (`TLS_CERT_FILE`, `TLS_KEY_FILE`): the real binary serves a TLS client
-//! that trusts a CA made here, drops plain-HTTP clients without holding up the others, and
-//! refuses a half or unusable configuration at startup.
+//! that trusts a CA made here, drops plain-HTTP clients without holding up the others, refuses a
+//! half or unusable configuration at startup, and warns when it serves plain HTTP off loopback.
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -200,6 +200,7 @@ async fn serves_https_over_http1_to_a_client_that_trusts_the_ca() {
     let (status, lines) = running.stop();
     assert!(status.success(), "exit status after SIGTERM: {status}");
     assert!(lines.iter().any(|l| l.contains("shutting down")), "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("in clear")), "no plain-HTTP warning with TLS on: {lines:#?}");
     std::fs::remove_dir_all(&pki.dir).ok();
 }
 
@@ -327,4 +328,39 @@ fn a_missing_or_unusable_tls_file_is_refused_naming_it() {
     assert!(stderr.contains("cannot be served"), "{stderr}");
     assert!(stderr.contains(&other.display().to_string()), "{stderr}");
     std::fs::remove_dir_all(&pki.dir).ok();
+}
+
+fn clear_text_warnings(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|l| {
+            let line: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+            line["level"] == "WARN" && message(&line).contains("in clear")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_every_interface_is_warned_about() {
+    let running = start(service("0.0.0.0").await);
+    assert!(!running.tls);
+    let warnings = clear_text_warnings(&running.seen);
+    assert_eq!(warnings.len(), 1, "{:#?}", running.seen);
+    assert!(warnings[0].contains("TLS_CERT_FILE") && warnings[0].contains("TLS_KEY_FILE"), "{}", warnings[0]);
+    // It serves all the same, on every interface.
+    let base = format!("http://127.0.0.1:{}", running.addr.port());
+    let health = reqwest::Client::new().get(format!("{base}/healthz")).timeout(HANG).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, _) = running.stop();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_loopback_is_not_warned_about() {
+    let running = start(service("127.0.0.1").await);
+    assert!(!running.tls);
+    let (status, lines) = running.stop();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(clear_text_warnings(&lines).is_empty(), "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("in clear")), "{lines:#?}");
 }
