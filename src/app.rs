@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::TcpListener;
+use axum::serve::Listener;
 
 use crate::auth::{KeyError, KeySource, Verifier};
 use crate::config::Config;
@@ -123,13 +123,18 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
 
 impl App {
     /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets running steps
-    /// end within `grace` and releases this instance's leases.
-    pub async fn serve(
+    /// end within `grace` and releases this instance's leases. The listener is a plain
+    /// `tokio::net::TcpListener` or a [`crate::tls::TlsListener`]: anything `axum::serve` takes.
+    pub async fn serve<L>(
         self,
-        listener: TcpListener,
+        listener: L,
         shutdown: impl Future<Output = ()> + Send + 'static,
         grace: Duration,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<()>
+    where
+        L: Listener,
+        L::Addr: std::fmt::Debug,
+    {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
             let mut rx = stop_rx;

@@ -1,7 +1,7 @@
 //! Configuration: every setting is an environment variable and the same-named command-line flag.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -31,6 +31,13 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: String,
+    /// PEM certificate chain (the server's certificate first) to serve HTTPS with; needs
+    /// TLS_KEY_FILE. Unset, the service speaks plain HTTP.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of TLS_CERT_FILE's certificate.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
     /// How long POST /orders and a cancel wait for their saga before answering 202.
     #[arg(long, env = "ORDER_WAIT_MS", default_value_t = 5000)]
     pub order_wait_ms: u64,
@@ -122,8 +129,26 @@ impl Config {
         if self.lease_ms < 30 {
             return Err("LEASE_MS must be at least 30".into());
         }
+        let set = |file: &Option<PathBuf>| file.as_ref().is_some_and(|f| !f.as_os_str().is_empty());
+        match (set(&self.tls_cert_file), set(&self.tls_key_file)) {
+            (true, false) => {
+                return Err("TLS_CERT_FILE is set but TLS_KEY_FILE is not: set both to serve HTTPS, or neither".into());
+            }
+            (false, true) => {
+                return Err("TLS_KEY_FILE is set but TLS_CERT_FILE is not: set both to serve HTTPS, or neither".into());
+            }
+            _ => {}
+        }
         self.auth()?;
         Ok(())
+    }
+
+    /// The certificate and key files when HTTPS is asked for (both set and not empty; `validate`
+    /// refuses one without the other).
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        let cert = self.tls_cert_file.as_deref().filter(|f| !f.as_os_str().is_empty())?;
+        let key = self.tls_key_file.as_deref().filter(|f| !f.as_os_str().is_empty())?;
+        Some((cert, key))
     }
 
     /// How callers are authenticated: `None` means not at all, which is allowed only on a
@@ -173,13 +198,28 @@ impl Config {
     }
 }
 
-/// True when `bind_addr` (`host:port`) listens only on this machine: `127.0.0.0/8`, `[::1]` or
-/// `localhost`. Anything else, `0.0.0.0` included, is reachable from the network.
+/// Whether `bind_addr` (a `BIND_ADDR` value) listens on the loopback interface only, where
+/// nothing crosses a network: rules that depend on exposure (the plain-HTTP warning, refusing to
+/// run without auth) ask this. Knows `127.0.0.0/8`, `::1` (also IPv4-mapped), `localhost` and
+/// `localhost.`, with or without a port and brackets. Any other host name is not resolved and
+/// counts as not loopback, and so do `0.0.0.0` and `[::]`, which listen on every interface.
 pub fn is_loopback(bind_addr: &str) -> bool {
-    if let Ok(addr) = bind_addr.parse::<SocketAddr>() {
-        return addr.ip().is_loopback();
+    let addr = bind_addr.trim();
+    if let Ok(socket) = addr.parse::<SocketAddr>() {
+        return socket.ip().to_canonical().is_loopback();
     }
-    let host = bind_addr.rsplit_once(':').map_or(bind_addr, |(host, _)| host);
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => addr,
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
     host.eq_ignore_ascii_case("localhost")
 }
 
@@ -192,13 +232,62 @@ mod tests {
     }
 
     #[test]
-    fn loopback_addresses_are_told_apart() {
-        for addr in ["127.0.0.1:8080", "127.1.2.3:1", "[::1]:8080", "localhost:8080", "LOCALHOST:1"] {
-            assert!(is_loopback(addr), "{addr}");
+    fn loopback_addresses() {
+        for addr in [
+            "127.0.0.1:8080",
+            "127.0.0.1:0",
+            "127.1.2.3:80",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[::1]",
+            "::1",
+            "[::ffff:127.0.0.1]:8080",
+            "localhost:8080",
+            "localhost",
+            "LocalHost:8080",
+            "localhost.:8080",
+            " 127.0.0.1:8080 ",
+        ] {
+            assert!(is_loopback(addr), "{addr} is loopback");
         }
-        for addr in ["0.0.0.0:8080", "[::]:8080", "10.0.0.5:80", "example.com:80", "localhost.example:80"] {
-            assert!(!is_loopback(addr), "{addr}");
+    }
+
+    #[test]
+    fn addresses_that_reach_a_network() {
+        for addr in [
+            "0.0.0.0:8080",
+            "0.0.0.0",
+            "[::]:8080",
+            "::",
+            "192.168.1.10:8080",
+            "10.0.0.1:80",
+            "[2001:db8::1]:443",
+            "[::ffff:10.0.0.1]:80",
+            "example.com:8080",
+            "myhost:8080",
+            "localhost.example.com:8080",
+            "notlocalhost:8080",
+            "",
+            ":8080",
+        ] {
+            assert!(!is_loopback(addr), "{addr} is not loopback");
         }
+    }
+
+    #[test]
+    fn tls_settings_go_together() {
+        let mut config = Config::try_parse_from(["order-saga"]).unwrap();
+        config.tls_cert_file = None;
+        config.tls_key_file = None;
+        assert!(config.validate().is_ok());
+        assert!(config.tls_files().is_none());
+        config.tls_cert_file = Some("cert.pem".into());
+        assert!(config.validate().unwrap_err().contains("TLS_KEY_FILE is not"));
+        config.tls_key_file = Some("key.pem".into());
+        assert!(config.validate().is_ok());
+        assert_eq!(config.tls_files(), Some((Path::new("cert.pem"), Path::new("key.pem"))));
+        config.tls_cert_file = Some("".into());
+        assert!(config.validate().unwrap_err().contains("TLS_CERT_FILE is not"));
     }
 
     #[test]

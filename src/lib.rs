@@ -59,3 +59,5 @@ pub mod saga;
 pub mod sql;
 /// Logging setup.
 pub mod telemetry;
+/// Optional HTTPS on the listener: the certificate, the key and a listener for `axum::serve`.
+pub mod tls;

@@ -13,7 +13,15 @@ fn free_port() -> u16 {
 /// A command for the binary with no configuration inherited from the environment.
 fn command() -> Command {
     let mut command = Command::new(BIN);
-    for var in ["DATABASE_URL", "INVENTORY_DATABASE_URL", "BIND_ADDR", "RUST_LOG", "LOG_FORMAT"] {
+    for var in [
+        "DATABASE_URL",
+        "INVENTORY_DATABASE_URL",
+        "BIND_ADDR",
+        "RUST_LOG",
+        "LOG_FORMAT",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+    ] {
         command.env_remove(var);
     }
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -59,6 +67,8 @@ fn help_lists_every_setting() {
         "DATABASE_URL",
         "INVENTORY_DATABASE_URL",
         "BIND_ADDR",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
         "ORDER_WAIT_MS",
         "REQUEST_TIMEOUT_MS",
         "SAGA_DEADLINE_MS",
