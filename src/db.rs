@@ -30,7 +30,7 @@ impl Backend {
 /// Errors of opening or preparing a database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// The URL names no supported backend.
+    /// The URL names no supported backend. It holds the URL already redacted: it is printed.
     #[error("unsupported database URL {0:?}: use postgres://... or a SQLite file path / sqlite:...")]
     UnsupportedUrl(String),
     /// `DATABASE_URL` and `INVENTORY_DATABASE_URL` name different backends.
@@ -63,7 +63,7 @@ pub enum DbError {
 }
 
 /// A connection pool to one database, with the backend it speaks.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Db {
     /// The pool itself; every query goes through it or a transaction begun on it.
     pub pool: AnyPool,
@@ -71,6 +71,13 @@ pub struct Db {
     pub backend: Backend,
     /// The normalised URL; two `Db`s with the same URL are the same database.
     pub url: String,
+}
+
+// By hand, so that a URL's password never reaches a `{:?}` (the derive would print it whole).
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("backend", &self.backend).field("url", &redact(&self.url)).finish_non_exhaustive()
+    }
 }
 
 /// How long a SQLite caller may queue for the one connection: a local file does not go away, so
@@ -100,7 +107,7 @@ pub fn normalize_url(url: &str) -> Result<(String, Backend), DbError> {
     }
     let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
     if path.is_empty() || path.contains("://") {
-        return Err(DbError::UnsupportedUrl(url.to_string()));
+        return Err(DbError::UnsupportedUrl(redact(url)));
     }
     let sep = if path.contains('?') { '&' } else { '?' };
     let with_mode = if path.contains("mode=") { path.to_string() } else { format!("{path}{sep}mode=rwc") };
@@ -146,15 +153,57 @@ impl InstanceLock {
     }
 }
 
-/// Strips a password from a URL so that it can be logged.
+/// Masks the secrets of a database URL so that it can be logged or printed: the password of
+/// `user:password@`, a `password=` query parameter, and a private key written inline as
+/// `sslkey=-----BEGIN...`. Every message naming a URL goes through it.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    // What sqlx reads as the password is what url::Url parses as one, so mask exactly that.
+    if let Ok(parsed) = url::Url::parse(url) {
+        use url::Position;
+        let mut out = String::with_capacity(url.len());
+        match parsed.password() {
+            Some(_) => {
+                out.push_str(&parsed[..Position::BeforePassword]);
+                out.push_str("***");
+                out.push_str(&parsed[Position::AfterPassword..Position::AfterPath]);
+            }
+            None => out.push_str(&parsed[..Position::AfterPath]),
+        }
+        if let Some(query) = parsed.query() {
+            out.push('?');
+            out.push_str(&redact_query(query));
+        }
+        return out;
+    }
+    // Not a URL (a SQLite path, or a malformed URL sqlx will refuse): everything between the
+    // scheme and the last '@' may be a password with unescaped characters; mask generously.
+    let masked = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
             Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
             None => url.to_string(),
         },
         _ => url.to_string(),
+    };
+    match masked.split_once('?') {
+        Some((head, query)) => format!("{head}?{}", redact_query(query)),
+        None => masked,
     }
+}
+
+/// Masks the secret values of a query string, keeping every other pair as written.
+fn redact_query(query: &str) -> String {
+    let pairs = query.split('&').map(|pair| {
+        // Decoded the way sqlx decodes them, so that `pass%77ord=` is masked too.
+        let decoded = url::form_urlencoded::parse(pair.as_bytes()).next();
+        let secret = decoded.is_some_and(|(key, value)| {
+            key == "password" || (matches!(&*key, "sslkey" | "ssl-key") && value.trim_start().starts_with("-----BEGIN"))
+        });
+        match (secret, pair.split_once('=')) {
+            (true, Some((key, _))) => format!("{key}=***"),
+            _ => pair.to_string(),
+        }
+    });
+    pairs.collect::<Vec<_>>().join("&")
 }
 
 impl Db {
@@ -275,5 +324,37 @@ mod tests {
         assert_eq!(normalize_url("postgres://u@h/d").unwrap().1, Backend::Postgres);
         assert!(normalize_url("mysql://h/d").is_err());
         assert_eq!(redact("postgres://u:secret@h/d"), "postgres://u:***@h/d");
+    }
+
+    #[test]
+    fn redacts_every_secret_of_a_url() {
+        // The userinfo password, with the rest kept as written.
+        assert_eq!(
+            redact("postgres://u:s%40cret@h:5432/d?sslmode=verify-full&sslrootcert=/etc/ca.crt"),
+            "postgres://u:***@h:5432/d?sslmode=verify-full&sslrootcert=/etc/ca.crt"
+        );
+        // A password parameter, however its key is spelt to sqlx's decoder.
+        assert_eq!(
+            redact("postgres://u@h/d?password=secret&sslmode=require"),
+            "postgres://u@h/d?password=***&sslmode=require"
+        );
+        assert_eq!(redact("postgres://u@h/d?pass%77ord=secret"), "postgres://u@h/d?pass%77ord=***");
+        assert_eq!(redact("postgres://u:a@h/d?password=b"), "postgres://u:***@h/d?password=***");
+        // A private key written inline; a key file's path is kept.
+        let inline = redact("postgres://u@h/d?sslkey=-----BEGIN%20PRIVATE%20KEY-----secret");
+        assert_eq!(inline, "postgres://u@h/d?sslkey=***");
+        assert_eq!(redact("postgres://u@h/d?sslkey=/k.pem"), "postgres://u@h/d?sslkey=/k.pem");
+        // An '@' in the query is not the end of the userinfo.
+        assert_eq!(redact("postgres://u@h/d?application_name=a@b"), "postgres://u@h/d?application_name=a@b");
+        // A malformed URL (a '/' in the password makes "u:pa" a host with a bad port) is masked
+        // up to its last '@', where a password might end.
+        let malformed = redact("postgres://u:pa/ss@h/d?password=x");
+        assert!(!malformed.contains("pa/ss") && !malformed.contains("=x"), "{malformed}");
+        // SQLite paths pass through.
+        assert_eq!(redact("order-saga.db"), "order-saga.db");
+        assert_eq!(redact("sqlite:///tmp/x.db?mode=rwc"), "sqlite:///tmp/x.db?mode=rwc");
+        // Nor do the errors and Debug that carry a URL leak it.
+        let err = normalize_url("mysql://u:secret@h/d").unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
     }
 }
