@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{AnyConnection, AnyPool, Executor};
 
 /// The two supported backends. Every query in the service is written to run on both.
@@ -51,6 +52,32 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS connection to PostgreSQL failed. A startup message: the cause in the terms of the
+    /// URL's `sslmode` / `sslrootcert` / `sslcert`, so that an operator knows what to change.
+    #[error("TLS to PostgreSQL at {server} failed: {failure}")]
+    Tls {
+        /// `host:port` (or the socket) the driver connected to.
+        server: String,
+        /// Why, in the URL's terms.
+        failure: TlsFailure,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A certificate or key file named by the URL cannot be read. Checked before connecting:
+    /// the driver would report it as a bare I/O error naming no file.
+    #[error("cannot read the {param} file {path} for PostgreSQL at {server}: {source}")]
+    TlsFile {
+        /// `host:port` (or the socket) of the server.
+        server: String,
+        /// The URL parameter: `sslrootcert`, `sslcert` or `sslkey`.
+        param: &'static str,
+        /// The file it names.
+        path: String,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database refused a connection or a migration.
     #[error("database {url}: {source}")]
     Sqlx {
@@ -60,6 +87,66 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+}
+
+/// Why a TLS connection to PostgreSQL failed, told apart from the driver's error chain so that
+/// the startup message says what to fix rather than "invalid peer certificate: UnknownIssuer".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    /// The server answered that it does not speak TLS, and the mode demands it.
+    #[error("the server does not support TLS but sslmode={sslmode}")]
+    NotSupported {
+        /// The URL's mode (`require`, `verify-ca`, `verify-full`).
+        sslmode: String,
+    },
+    /// No trusted CA signed the server's certificate. (sqlx trusts the public web roots as well
+    /// as sslrootcert, so a managed server with a public certificate needs no sslrootcert.)
+    #[error("{}", untrusted(sslrootcert.as_deref()))]
+    UntrustedCertificate {
+        /// The CA file the URL names, if any.
+        sslrootcert: Option<String>,
+    },
+    /// The server's certificate is for other names than the host connected to.
+    #[error("the server's certificate is for {presented}, not for the host {host} of the URL")]
+    WrongHost {
+        /// The host of the URL.
+        host: String,
+        /// The names the certificate lists (comma-separated), or "other names".
+        presented: String,
+    },
+    /// The server's certificate is outside its validity period.
+    #[error("the server's certificate has expired or is not valid yet")]
+    CertificateOutOfDate,
+    /// The server's certificate is refused for another reason.
+    #[error("the server's certificate is refused: {0}")]
+    CertificateRefused(String),
+    /// The server refused the client certificate of `sslcert` / `sslkey` (a TLS alert from it).
+    #[error("the server refused the client certificate in sslcert ({sslcert}): TLS alert {alert}")]
+    ClientCertificateRefused {
+        /// The client certificate file.
+        sslcert: String,
+        /// The alert the server sent.
+        alert: String,
+    },
+    /// Any other TLS failure, in the TLS library's words.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn untrusted(sslrootcert: Option<&str>) -> String {
+    match sslrootcert {
+        Some(path) => {
+            format!("the server's certificate is not signed by a CA in sslrootcert ({path}) nor by a public root CA")
+        }
+        None => "the server's certificate is not signed by a public root CA, and no sslrootcert names its CA".into(),
+    }
+}
+
+/// rustls lists a certificate's names as `DnsName("db.example")` / `IpAddress(10.0.0.1)`; an
+/// operator compares them with a host name, so show them bare.
+fn bare_name(name: &str) -> &str {
+    let inner = name.strip_prefix("DnsName(\"").and_then(|n| n.strip_suffix("\")"));
+    inner.or_else(|| name.strip_prefix("IpAddress(").and_then(|n| n.strip_suffix(')'))).unwrap_or(name)
 }
 
 /// A connection pool to one database, with the backend it speaks.
@@ -206,12 +293,159 @@ fn redact_query(query: &str) -> String {
     pairs.collect::<Vec<_>>().join("&")
 }
 
+/// What a PostgreSQL URL asks of TLS, read as the driver reads it (environment defaults such as
+/// `PGSSLMODE` included): to check its files first and to explain a failed handshake.
+struct PgTls {
+    /// `host:port`, or the socket path.
+    server: String,
+    host: String,
+    mode: PgSslMode,
+    root_cert: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+}
+
+impl PgTls {
+    /// `None` when the URL does not parse; the driver then reports why.
+    fn of(url: &str) -> Option<PgTls> {
+        let options = PgConnectOptions::from_str(url).ok()?;
+        let parsed = url::Url::parse(url).ok()?;
+        // The last of a parameter's spellings wins, as in sqlx's parser; then the environment.
+        let param = |names: &[&str], env: &str| {
+            parsed
+                .query_pairs()
+                .filter(|(key, _)| names.contains(&&**key))
+                .last()
+                .map(|(_, value)| value.into_owned())
+                .or_else(|| std::env::var(env).ok())
+        };
+        let server = match options.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => format!("{}:{}", options.get_host(), options.get_port()),
+        };
+        Some(PgTls {
+            server,
+            host: options.get_host().to_string(),
+            mode: options.get_ssl_mode(),
+            root_cert: param(&["sslrootcert", "ssl-root-cert", "ssl-ca"], "PGSSLROOTCERT"),
+            client_cert: param(&["sslcert", "ssl-cert"], "PGSSLCERT"),
+            client_key: param(&["sslkey", "ssl-key"], "PGSSLKEY"),
+        })
+    }
+
+    /// Whether the driver tries TLS at all: sqlx treats `allow` as `disable`.
+    fn attempts_tls(&self) -> bool {
+        !matches!(self.mode, PgSslMode::Disable | PgSslMode::Allow)
+    }
+
+    /// Fails on a certificate or key file that cannot be read, naming it; inline PEM is skipped.
+    fn check_files(&self) -> Result<(), DbError> {
+        if !self.attempts_tls() {
+            return Ok(());
+        }
+        let files = [("sslrootcert", &self.root_cert), ("sslcert", &self.client_cert), ("sslkey", &self.client_key)];
+        for (param, path) in files {
+            let Some(path) = path.as_deref().filter(|p| !p.trim_start().starts_with("-----BEGIN")) else { continue };
+            if let Err(source) = std::fs::File::open(path) {
+                return Err(DbError::TlsFile { server: self.server.clone(), param, path: path.to_string(), source });
+            }
+        }
+        Ok(())
+    }
+
+    /// The TLS cause of a failed connection, if it is one.
+    fn failure(&self, error: &sqlx::Error) -> Option<TlsFailure> {
+        if !self.attempts_tls() {
+            return None;
+        }
+        match error {
+            sqlx::Error::Tls(inner) => Some(match inner.downcast_ref::<rustls::Error>() {
+                Some(tls) => self.explain(tls),
+                // sqlx 0.8's words when the server answers the SSLRequest with 'N'.
+                None if inner.to_string() == "server does not support TLS" => {
+                    TlsFailure::NotSupported { sslmode: ssl_mode_name(self.mode).to_string() }
+                }
+                None => TlsFailure::Other(inner.to_string()),
+            }),
+            // rustls reports a failed handshake, and an alert the server sends later, as an I/O
+            // error of kind InvalidData around its own error.
+            sqlx::Error::Io(io) => {
+                io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).map(|e| self.explain(e))
+            }
+            _ => None,
+        }
+    }
+
+    fn explain(&self, error: &rustls::Error) -> TlsFailure {
+        use rustls::{AlertDescription as Alert, CertificateError as Cert};
+        match error {
+            rustls::Error::InvalidCertificate(cert) => match cert {
+                Cert::UnknownIssuer => TlsFailure::UntrustedCertificate { sslrootcert: self.root_cert.clone() },
+                Cert::NotValidForName => {
+                    TlsFailure::WrongHost { host: self.host.clone(), presented: "other names".into() }
+                }
+                Cert::NotValidForNameContext { presented, .. } => {
+                    let presented = presented.iter().map(|n| bare_name(n)).collect::<Vec<_>>().join(", ");
+                    TlsFailure::WrongHost { host: self.host.clone(), presented }
+                }
+                Cert::Expired | Cert::ExpiredContext { .. } | Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                    TlsFailure::CertificateOutOfDate
+                }
+                other => TlsFailure::CertificateRefused(format!("{other:?}")),
+            },
+            // Alerts about a certificate, received when this side sent one: the server's verdict
+            // on the client certificate (PostgreSQL checks it against its ssl_ca_file).
+            rustls::Error::AlertReceived(
+                alert @ (Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateRevoked
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown
+                | Alert::UnknownCA
+                | Alert::AccessDenied),
+            ) if self.client_cert.is_some() => TlsFailure::ClientCertificateRefused {
+                sslcert: self.client_cert.clone().unwrap_or_default(),
+                alert: format!("{alert:?}"),
+            },
+            other => TlsFailure::Other(other.to_string()),
+        }
+    }
+}
+
+/// The URL spelling of a mode, for messages.
+fn ssl_mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
 impl Db {
     /// Opens a pool on `url` and applies the backend's migrations.
     pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let (url, backend) = normalize_url(url)?;
-        let wrap = |source| DbError::Sqlx { url: redact(&url), source };
+        // The Any driver hands the postgres driver the URL itself, which reads sslmode,
+        // sslrootcert, sslcert and sslkey from it; the same reading explains a TLS failure.
+        let tls = (backend == Backend::Postgres).then(|| PgTls::of(&url)).flatten();
+        if let Some(tls) = &tls {
+            tls.check_files()?;
+            if matches!(tls.mode, PgSslMode::Require) && tls.root_cert.is_some() {
+                tracing::warn!(
+                    server = %tls.server,
+                    "sslmode=require does not check the server's certificate against sslrootcert with this \
+                     driver (libpq would); use sslmode=verify-full"
+                );
+            }
+        }
+        let wrap = |source: sqlx::Error| match tls.as_ref().and_then(|tls| Some((tls, tls.failure(&source)?))) {
+            Some((tls, failure)) => DbError::Tls { server: tls.server.clone(), failure, source },
+            None => DbError::Sqlx { url: redact(&url), source },
+        };
         let options = AnyConnectOptions::from_str(&url).map_err(wrap)?;
         let pool_options = match backend {
             // No ping before each acquire: it costs a round trip per transaction, and a dead
@@ -356,5 +590,58 @@ mod tests {
         // Nor do the errors and Debug that carry a URL leak it.
         let err = normalize_url("mysql://u:secret@h/d").unwrap_err().to_string();
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    fn pg_tls(url: &str) -> PgTls {
+        PgTls::of(url).expect("the URL parses")
+    }
+
+    #[test]
+    fn explains_tls_failures() {
+        let url = "postgres://u@db.example:6543/d?sslmode=verify-full&sslrootcert=/etc/ca.crt";
+        let tls = pg_tls(url);
+        assert_eq!(tls.server, "db.example:6543");
+        let io = |e: rustls::Error| sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        let unknown = io(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        assert_eq!(
+            tls.failure(&unknown),
+            Some(TlsFailure::UntrustedCertificate { sslrootcert: Some("/etc/ca.crt".into()) })
+        );
+        let refused = sqlx::Error::Tls("server does not support TLS".into());
+        assert_eq!(tls.failure(&refused), Some(TlsFailure::NotSupported { sslmode: "verify-full".into() }));
+        assert_eq!(
+            tls.failure(&refused).unwrap().to_string(),
+            "the server does not support TLS but sslmode=verify-full"
+        );
+        let names = vec!["DnsName(\"db.example\")".to_string(), "IpAddress(10.0.0.1)".to_string()];
+        let wrong = io(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext {
+            expected: rustls::pki_types::ServerName::try_from("db.example").unwrap(),
+            presented: names,
+        }));
+        assert_eq!(
+            tls.failure(&wrong).unwrap().to_string(),
+            "the server's certificate is for db.example, 10.0.0.1, not for the host db.example of the URL"
+        );
+        // Not TLS: a refused TCP connection.
+        let tcp = sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(tls.failure(&tcp), None);
+        // An alert about a certificate is the client certificate's only when one was sent.
+        let alert = io(rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA));
+        assert!(matches!(tls.failure(&alert), Some(TlsFailure::Other(_))));
+        let with_cert = pg_tls(&format!("{url}&sslcert=/c.crt&sslkey=/c.key"));
+        assert!(matches!(with_cert.failure(&alert), Some(TlsFailure::ClientCertificateRefused { .. })));
+        // Without TLS nothing is a TLS failure.
+        assert_eq!(pg_tls("postgres://u@h/d?sslmode=disable").failure(&unknown), None);
+    }
+
+    #[test]
+    fn a_missing_certificate_file_is_named() {
+        let error = pg_tls("postgres://u@h:1/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.crt")
+            .check_files()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("sslrootcert file /nonexistent/ca.crt"), "{error}");
+        // sqlx reads no file when it will not try TLS.
+        assert!(pg_tls("postgres://u@h/d?sslmode=disable&sslrootcert=/nonexistent/ca.crt").check_files().is_ok());
     }
 }
