@@ -78,6 +78,16 @@ pub enum DbError {
         #[source]
         source: std::io::Error,
     },
+    /// libpq's `sslpassword` (the passphrase of an encrypted `sslkey`), which sqlx does not
+    /// support: it would log the value as an unknown parameter, then fail on the key.
+    #[error(
+        "sslpassword is not supported for PostgreSQL at {server}: the driver reads only unencrypted \
+         keys; decrypt sslkey (openssl pkey -in key -out key.plain) and keep it mode 0600"
+    )]
+    SslPassword {
+        /// `host:port` (or the socket) of the server.
+        server: String,
+    },
     /// The database refused a connection or a migration.
     #[error("database {url}: {source}")]
     Sqlx {
@@ -241,8 +251,8 @@ impl InstanceLock {
 }
 
 /// Masks the secrets of a database URL so that it can be logged or printed: the password of
-/// `user:password@`, a `password=` query parameter, and a private key written inline as
-/// `sslkey=-----BEGIN...`. Every message naming a URL goes through it.
+/// `user:password@`, a `password=` or `sslpassword=` query parameter, and a private key written
+/// inline as `sslkey=-----BEGIN...`. Every message naming a URL goes through it.
 pub fn redact(url: &str) -> String {
     // What sqlx reads as the password is what url::Url parses as one, so mask exactly that.
     if let Ok(parsed) = url::Url::parse(url) {
@@ -283,7 +293,8 @@ fn redact_query(query: &str) -> String {
         // Decoded the way sqlx decodes them, so that `pass%77ord=` is masked too.
         let decoded = url::form_urlencoded::parse(pair.as_bytes()).next();
         let secret = decoded.is_some_and(|(key, value)| {
-            key == "password" || (matches!(&*key, "sslkey" | "ssl-key") && value.trim_start().starts_with("-----BEGIN"))
+            matches!(&*key, "password" | "sslpassword")
+                || (matches!(&*key, "sslkey" | "ssl-key") && value.trim_start().starts_with("-----BEGIN"))
         });
         match (secret, pair.split_once('=')) {
             (true, Some((key, _))) => format!("{key}=***"),
@@ -303,14 +314,29 @@ struct PgTls {
     root_cert: Option<String>,
     client_cert: Option<String>,
     client_key: Option<String>,
+    /// Whether the URL has libpq's `sslpassword`, which sqlx ignores.
+    ssl_password: bool,
 }
 
 impl PgTls {
     /// `None` when the URL does not parse; the driver then reports why.
     fn of(url: &str) -> Option<PgTls> {
-        let options = PgConnectOptions::from_str(url).ok()?;
         let parsed = url::Url::parse(url).ok()?;
+        // Parse only the keys that name the server and the mode: sqlx's parser logs every key it
+        // does not know with its value (an `sslpassword`, say), and the driver parses it anyway.
+        let mut server_only = parsed.clone();
+        let kept: Vec<(String, String)> = parsed
+            .query_pairs()
+            .filter(|(key, _)| matches!(&**key, "sslmode" | "ssl-mode" | "host" | "hostaddr" | "port"))
+            .map(|(key, value)| (key.into_owned(), value.into_owned()))
+            .collect();
+        server_only.set_query(None);
+        if !kept.is_empty() {
+            server_only.query_pairs_mut().extend_pairs(kept);
+        }
+        let options = PgConnectOptions::from_str(server_only.as_str()).ok()?;
         // The last of a parameter's spellings wins, as in sqlx's parser; then the environment.
+        let ssl_password = parsed.query_pairs().any(|(key, _)| key == "sslpassword");
         let param = |names: &[&str], env: &str| {
             parsed
                 .query_pairs()
@@ -330,6 +356,7 @@ impl PgTls {
             root_cert: param(&["sslrootcert", "ssl-root-cert", "ssl-ca"], "PGSSLROOTCERT"),
             client_cert: param(&["sslcert", "ssl-cert"], "PGSSLCERT"),
             client_key: param(&["sslkey", "ssl-key"], "PGSSLKEY"),
+            ssl_password,
         })
     }
 
@@ -338,8 +365,12 @@ impl PgTls {
         !matches!(self.mode, PgSslMode::Disable | PgSslMode::Allow)
     }
 
-    /// Fails on a certificate or key file that cannot be read, naming it; inline PEM is skipped.
-    fn check_files(&self) -> Result<(), DbError> {
+    /// Before connecting: fails on `sslpassword`, and on a certificate or key file that cannot
+    /// be read, naming it (inline PEM is skipped).
+    fn preflight(&self) -> Result<(), DbError> {
+        if self.ssl_password {
+            return Err(DbError::SslPassword { server: self.server.clone() });
+        }
         if !self.attempts_tls() {
             return Ok(());
         }
@@ -433,7 +464,7 @@ impl Db {
         // sslrootcert, sslcert and sslkey from it; the same reading explains a TLS failure.
         let tls = (backend == Backend::Postgres).then(|| PgTls::of(&url)).flatten();
         if let Some(tls) = &tls {
-            tls.check_files()?;
+            tls.preflight()?;
             if matches!(tls.mode, PgSslMode::Require) && tls.root_cert.is_some() {
                 tracing::warn!(
                     server = %tls.server,
@@ -637,11 +668,16 @@ mod tests {
     #[test]
     fn a_missing_certificate_file_is_named() {
         let error = pg_tls("postgres://u@h:1/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.crt")
-            .check_files()
+            .preflight()
             .unwrap_err()
             .to_string();
         assert!(error.contains("sslrootcert file /nonexistent/ca.crt"), "{error}");
+        // An encrypted key's passphrase is refused before sqlx logs it as an unknown parameter.
+        let error = pg_tls("postgres://u@h:1/d?sslmode=verify-full&sslkey=/k&sslpassword=sekrit").preflight();
+        assert!(matches!(error, Err(DbError::SslPassword { .. })), "{error:?}");
+        assert!(!format!("{error:?}").contains("sekrit"));
+        assert_eq!(redact("postgres://u@h/d?sslpassword=sekrit"), "postgres://u@h/d?sslpassword=***");
         // sqlx reads no file when it will not try TLS.
-        assert!(pg_tls("postgres://u@h/d?sslmode=disable&sslrootcert=/nonexistent/ca.crt").check_files().is_ok());
+        assert!(pg_tls("postgres://u@h/d?sslmode=disable&sslrootcert=/nonexistent/ca.crt").preflight().is_ok());
     }
 }

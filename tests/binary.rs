@@ -96,10 +96,12 @@ fn never_prints_a_database_password() {
     assert!(text.contains("[env: DATABASE_URL"), "{text}");
     assert!(!text.contains("sekrit"), "{text}");
     // A refused start names the URL, masked: in the userinfo, in a password parameter, and for a
-    // URL of no supported backend. (Nothing listens on port 1: the connection is refused.)
+    // URL of no supported backend; an sslpassword is refused unread. (Nothing listens on port 1: the connection is refused.)
     for (url, says) in [
         ("postgres://u:sekrit@127.0.0.1:1/d?sslmode=disable&password=sekrit", "postgres://u:***@127.0.0.1:1/d"),
         ("mysql://u:sekrit@127.0.0.1:1/d", "unsupported database URL"),
+        // An encrypted key's passphrase, which sqlx would log as an unknown parameter.
+        ("postgres://u@127.0.0.1:1/d?sslmode=require&sslpassword=sekrit", "sslpassword is not supported"),
     ] {
         let output = command()
             .env("DATABASE_URL", url)
