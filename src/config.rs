@@ -23,10 +23,11 @@ pub enum LogFormat {
 #[command(name = "order-saga", version, about)]
 pub struct Config {
     /// Orders and the saga log: a SQLite file path (created if missing) or a postgres:// URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "order-saga.db")]
+    // hide_env_values: --help would otherwise print the variable's value, password and all.
+    #[arg(long, env = "DATABASE_URL", default_value = "order-saga.db", hide_env_values = true)]
     pub database_url: String,
     /// The inventory participant's database; defaults to DATABASE_URL. Same backend required.
-    #[arg(long, env = "INVENTORY_DATABASE_URL")]
+    #[arg(long, env = "INVENTORY_DATABASE_URL", hide_env_values = true)]
     pub inventory_database_url: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]

@@ -98,6 +98,35 @@ fn refuses_to_mix_backends() {
 }
 
 #[test]
+fn never_prints_a_database_password() {
+    // --help shows where each setting comes from, not the variable's value.
+    let help = command().arg("--help").env("DATABASE_URL", "postgres://u:sekrit@h/d").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("[env: DATABASE_URL"), "{text}");
+    assert!(!text.contains("sekrit"), "{text}");
+    // A refused start names the URL, masked: in the userinfo, in a password parameter, and for a
+    // URL of no supported backend; an sslpassword is refused unread. (Nothing listens on port 1: the connection is refused.)
+    for (url, says) in [
+        ("postgres://u:sekrit@127.0.0.1:1/d?sslmode=disable&password=sekrit", "postgres://u:***@127.0.0.1:1/d"),
+        ("mysql://u:sekrit@127.0.0.1:1/d", "unsupported database URL"),
+        // An encrypted key's passphrase, which sqlx would log as an unknown parameter.
+        ("postgres://u@127.0.0.1:1/d?sslmode=require&sslpassword=sekrit", "sslpassword is not supported"),
+    ] {
+        let output = command()
+            .env("DATABASE_URL", url)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "debug")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{url}: started");
+        let printed = String::from_utf8_lossy(&output.stderr) + String::from_utf8_lossy(&output.stdout);
+        assert!(printed.contains(says), "{url}: {printed}");
+        assert!(!printed.contains("sekrit"), "{url}: {printed}");
+    }
+}
+
+#[test]
 fn refuses_a_request_timeout_below_the_order_wait() {
     let output = command().env("ORDER_WAIT_MS", "5000").env("REQUEST_TIMEOUT_MS", "1000").output().unwrap();
     assert_eq!(output.status.code(), Some(2));

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use order_saga::app::{self, App};
 use order_saga::config::Config;
+use order_saga::db::redact;
 use order_saga::http::AppState;
 use order_saga::saga::{Engine, FaultInjector};
 use serde_json::{Value, json};
@@ -55,7 +56,7 @@ async fn create_pg_database(base: &str) -> String {
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(base)
         .await
-        .unwrap_or_else(|e| panic!("TEST_DATABASE_URL is set but PostgreSQL at {base} is unreachable: {e}"));
+        .unwrap_or_else(|e| panic!("TEST_DATABASE_URL is set but PostgreSQL at {} is unreachable: {e}", redact(base)));
     let name = format!("order_saga_test_{}", uuid::Uuid::new_v4().simple());
     sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create the test database");
     conn.close().await.ok();
