@@ -25,31 +25,31 @@ const ADMIN: &str = "ops@shop.example";
 /// its status alone; anything else is the status and the problem's `code`. `A` in an operation
 /// is customer A, `{id}` the fixture's product, order of customer A, or its saga.
 const EXPECTED: &str = "
-| operation | no token | Bearer not.a.jwt | Basic | expired | not yet valid | wrong signature | wrong issuer | wrong audience | alg none | no scope | customer A | customer B | admin |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
-| GET /products | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 200 | 200 |
-| POST /products | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 201 |
-| GET /products/{id} | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 200 | 200 |
-| POST /products/{id}/restock | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
-| GET /orders | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 200 | 200 |
-| GET /orders?customer_id=A | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 403 forbidden | 200 |
-| POST /orders for A | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 201 | 403 forbidden | 201 |
-| GET /orders/{id} | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 404 not_found | 200 |
-| POST /orders/{id}/cancel | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 404 not_found | 200 |
-| GET /orders/{id}/events | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 404 not_found | 200 |
-| GET /sagas | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
-| POST /sagas/retry | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
-| GET /sagas/events | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
-| GET /sagas/{id} | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
-| POST /sagas/{id}/retry | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 409 saga_finished |
-| POST /sagas/{id}/abort | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 409 saga_finished |
-| GET /healthz | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
-| GET /readyz | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
-| GET /openapi.yaml | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
-| GET /metrics | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
-| GET /ui | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
-| GET /ui/app.js | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
-| GET /ui/app.css | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
+| operation | no token | Bearer not.a.jwt | Basic | expired | not yet valid | no exp | wrong signature | wrong issuer | wrong audience | alg none | no scope | customer A | customer B | admin |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| GET /products | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 200 | 200 |
+| POST /products | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 201 |
+| GET /products/{id} | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 200 | 200 |
+| POST /products/{id}/restock | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
+| GET /orders | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 200 | 200 |
+| GET /orders?customer_id=A | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 403 forbidden | 200 |
+| POST /orders for A | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 201 | 403 forbidden | 201 |
+| GET /orders/{id} | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 404 not_found | 200 |
+| POST /orders/{id}/cancel | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 404 not_found | 200 |
+| GET /orders/{id}/events | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 200 | 404 not_found | 200 |
+| GET /sagas | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
+| POST /sagas/retry | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
+| GET /sagas/events | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
+| GET /sagas/{id} | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
+| POST /sagas/{id}/retry | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 409 saga_finished |
+| POST /sagas/{id}/abort | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 409 saga_finished |
+| GET /healthz | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
+| GET /readyz | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
+| GET /openapi.yaml | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
+| GET /metrics | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 401 unauthorized | 403 forbidden | 403 forbidden | 403 forbidden | 200 |
+| GET /ui | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
+| GET /ui/app.js | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
+| GET /ui/app.css | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 | 200 |
 ";
 
 /// One credential: a column of the table.
@@ -95,6 +95,14 @@ fn credentials() -> Vec<Credential> {
         Credential { name: "Basic", auth: Auth::Raw(format!("Basic {}", b64url(b"cust-a:password"))) },
         Credential { name: "expired", auth: token(&with("exp", json!(now() - 300))) },
         Credential { name: "not yet valid", auth: token(&with("nbf", json!(now() + 300))) },
+        Credential {
+            name: "no exp",
+            auth: token(&{
+                let mut claims = a();
+                claims.as_object_mut().unwrap().remove("exp");
+                claims
+            }),
+        },
         Credential {
             name: "wrong signature",
             auth: Auth::Bearer(hs256(b"another-secret-of-32-bytes-or-more-000", &a())),
@@ -407,5 +415,37 @@ async fn an_es256_public_key_accepts_es256_tokens_only() {
     assert_eq!(products_with(&app, &foreign).await.0, 401, "an ES256 token of another key");
     let confused = hs256(ec.public_pem.as_bytes(), &claims);
     assert_eq!(products_with(&app, &confused).await.0, 401, "an HS256 token keyed with the EC public key");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exp_and_nbf_have_thirty_seconds_of_leeway() {
+    let app = table_app().await;
+    let with = |member: &str, offset: i64| {
+        let mut claims = good_claims(CUSTOMER_A, "orders");
+        claims[member] = json!(now() + offset);
+        hs256(SECRET.as_bytes(), &claims)
+    };
+    // Well inside the 30 s either way passes; well outside does not.
+    assert_eq!(products_with(&app, &with("exp", -10)).await.0, 200, "expired 10 s ago");
+    assert_eq!(products_with(&app, &with("nbf", 10)).await.0, 200, "valid in 10 s");
+    assert_eq!(products_with(&app, &with("exp", -60)).await.0, 401, "expired 60 s ago");
+    assert_eq!(products_with(&app, &with("nbf", 60)).await.0, 401, "valid in 60 s");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spellings_of_an_admin_path_do_not_let_a_customer_in() {
+    let app = table_app().await;
+    let customer = hs256(SECRET.as_bytes(), &good_claims(CUSTOMER_A, "orders"));
+    // The access check and the router must agree on which route a path is: a spelling that
+    // the check does not know must not reach an admin handler.
+    for path in
+        ["/sagas/", "//sagas", "/%73agas", "/SAGAS", "/sagas%2Fevents", "/sagas/events/", "/metrics/", "//metrics"]
+    {
+        let response = app.client.get(app.url(path)).bearer_auth(&customer).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!(matches!(status, 401 | 403 | 404), "GET {path} as a customer: {status}");
+    }
     app.stop().await;
 }
