@@ -122,7 +122,7 @@ pub async fn authenticate(State(access): State<Access>, mut request: Request, ne
         return next.run(request).await;
     }
     let token = match bearer(request.headers().get(header::AUTHORIZATION)) {
-        Bearer::Missing => return unauthorized(false),
+        Bearer::Absent => return unauthorized(false),
         Bearer::Malformed => return unauthorized(true),
         Bearer::Token(token) => token,
     };
@@ -155,20 +155,25 @@ fn caller(principal: Principal) -> Caller {
 }
 
 enum Bearer {
-    Missing,
+    /// No bearer credentials: no `Authorization` header, or one of another scheme (`Basic`).
+    Absent,
     Malformed,
     Token(String),
 }
 
-/// The token of an `Authorization: Bearer <token>` header (RFC 6750, 2.1).
+/// The token of an `Authorization: Bearer <token>` header (RFC 6750, 2.1). Credentials of
+/// another scheme are no bearer token at all, which the challenge answers without an error code
+/// (RFC 6750, 3.1), as if none had been sent.
 fn bearer(header: Option<&HeaderValue>) -> Bearer {
-    let Some(value) = header else { return Bearer::Missing };
+    let Some(value) = header else { return Bearer::Absent };
     let Ok(value) = value.to_str() else { return Bearer::Malformed };
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
-            Bearer::Token(token.trim().to_string())
-        }
-        _ => Bearer::Malformed,
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Bearer::Absent;
+    }
+    match token.trim() {
+        "" => Bearer::Malformed,
+        token => Bearer::Token(token.to_string()),
     }
 }
 
@@ -217,10 +222,10 @@ mod tests {
     #[test]
     fn only_a_bearer_header_carries_a_token() {
         let h = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert!(matches!(bearer(None), Bearer::Missing));
+        assert!(matches!(bearer(None), Bearer::Absent));
         assert!(matches!(bearer(Some(&h("Bearer abc"))), Bearer::Token(t) if t == "abc"));
         assert!(matches!(bearer(Some(&h("bearer abc"))), Bearer::Token(_)));
-        assert!(matches!(bearer(Some(&h("Basic abc"))), Bearer::Malformed));
+        assert!(matches!(bearer(Some(&h("Basic abc"))), Bearer::Absent));
         assert!(matches!(bearer(Some(&h("Bearer "))), Bearer::Malformed));
         assert!(matches!(bearer(Some(&h("Bearer"))), Bearer::Malformed));
     }
