@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::serve::Listener;
 
-use crate::auth::{KeyError, KeySource, Verifier};
+use crate::auth::{KeyError, Verifier};
 use crate::config::Config;
 use crate::db::{Db, DbError, PoolSettings, normalize_url};
 use crate::http::access::Access;
@@ -49,7 +49,6 @@ pub struct App {
 /// sagas and starts its recovery loop. `faults` is for tests.
 pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> Result<App, StartupError> {
     let auth = config.auth().map_err(StartupError::Config)?;
-    let reloadable = auth.as_ref().is_some_and(|a| !matches!(a.source, KeySource::Secret(_)));
     let verifier = auth.map(Verifier::load).transpose()?.map(Arc::new);
     let (log_url, log_backend) = normalize_url(&config.database_url)?;
     let inventory_url = config.inventory_database_url.clone().unwrap_or_else(|| config.database_url.clone());
@@ -115,9 +114,7 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
             }
         }
     })];
-    if let Some(verifier) = verifier.filter(|_| reloadable) {
-        housekeeping.extend(reload_keys_on_sighup(verifier));
-    }
+    housekeeping.extend(reload_keys_on_sighup(verifier));
     Ok(App { router, engine, state, housekeeping })
 }
 
@@ -161,8 +158,9 @@ impl App {
 }
 
 /// Re-reads the key files on every SIGHUP, so that a JWKS can be rotated without a restart. A
-/// file that fails to load keeps the previous keys in force.
-fn reload_keys_on_sighup(verifier: Arc<Verifier>) -> Option<tokio::task::JoinHandle<()>> {
+/// file that fails to load keeps the previous keys in force. Installed whatever the keys, so
+/// that a `reload` sent to a service with nothing to reload does not terminate it.
+fn reload_keys_on_sighup(verifier: Option<Arc<Verifier>>) -> Option<tokio::task::JoinHandle<()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -175,6 +173,10 @@ fn reload_keys_on_sighup(verifier: Arc<Verifier>) -> Option<tokio::task::JoinHan
         };
         Some(tokio::spawn(async move {
             while hangups.recv().await.is_some() {
+                let Some(verifier) = &verifier else {
+                    tracing::info!("SIGHUP: nothing to reload (authentication is off)");
+                    continue;
+                };
                 match verifier.reload() {
                     Ok(keys) => tracing::info!(keys, "SIGHUP: reloaded the token keys"),
                     Err(error) => {

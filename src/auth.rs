@@ -272,6 +272,27 @@ fn load_keys(settings: &AuthSettings) -> Result<Vec<Key>, KeyError> {
                     (AlgorithmParameters::OctetKeyPair(_), None) => Algorithm::EdDSA,
                     _ => return Err(unusable(path, format!("key {kid:?}: say its alg"))),
                 };
+                // A declared alg of another family (an RSA key marked ES256) would refuse every
+                // token; say so at load rather than at the first request.
+                let fits = match &jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => matches!(
+                        alg,
+                        Algorithm::RS256
+                            | Algorithm::RS384
+                            | Algorithm::RS512
+                            | Algorithm::PS256
+                            | Algorithm::PS384
+                            | Algorithm::PS512
+                    ),
+                    AlgorithmParameters::EllipticCurve(_) => matches!(alg, Algorithm::ES256 | Algorithm::ES384),
+                    AlgorithmParameters::OctetKeyPair(_) => alg == Algorithm::EdDSA,
+                    AlgorithmParameters::OctetKey(_) => {
+                        matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+                    }
+                };
+                if !fits {
+                    return Err(unusable(path, format!("key {kid:?}: alg {alg:?} does not fit the key's type")));
+                }
                 let decoding = DecodingKey::from_jwk(jwk).map_err(|e| unusable(path, format!("key {kid:?}: {e}")))?;
                 keys.push(key(Some(kid), alg, decoding));
             }
@@ -376,6 +397,23 @@ mod tests {
             AuthSettings { source: KeySource::Secret("short".parse().unwrap()), issuer: None, audience: None };
         assert!(matches!(Verifier::load(settings.clone()), Err(KeyError::ShortSecret)));
         assert!(!format!("{settings:?}").contains("short"));
+    }
+
+    #[test]
+    fn a_jwks_key_whose_alg_does_not_fit_its_type_is_refused_at_load() {
+        let dir = std::env::temp_dir().join(format!("order-saga-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.json");
+        let oct =
+            |alg: &str| json!({"keys": [{"kty": "oct", "kid": "k", "alg": alg, "k": base64url(SECRET.as_bytes())}]});
+        std::fs::write(&path, oct("HS256").to_string()).unwrap();
+        let load =
+            || Verifier::load(AuthSettings { source: KeySource::Jwks(path.clone()), issuer: None, audience: None });
+        assert!(load().is_ok());
+        std::fs::write(&path, oct("ES256").to_string()).unwrap();
+        let error = load().unwrap_err().to_string();
+        assert!(error.contains("does not fit"), "{error}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     fn base64url(bytes: &[u8]) -> String {

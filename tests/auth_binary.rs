@@ -258,12 +258,17 @@ async fn serves_a_non_loopback_address_with_auth_disabled_on_purpose() {
     let mut cmd = command();
     with_databases(&mut cmd).await;
     cmd.env("BIND_ADDR", format!("0.0.0.0:{port}")).env("AUTH_DISABLED", "true");
-    let service = Service::start(cmd, port).await;
+    let mut service = Service::start(cmd, port).await;
     // Authentication is off: no token needed, for customers' routes or the admin's.
     for path in ["/products", "/orders", "/sagas"] {
         let response = service.client.get(service.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 200, "GET {path} without a token");
     }
+    // A reload sent to a service with no keys to reload leaves it running.
+    service.signal("HUP");
+    until("the SIGHUP is logged", || async { service.output().contains("SIGHUP: nothing to reload") }).await;
+    service.assert_running();
+    assert_eq!(service.client.get(service.url("/healthz")).send().await.unwrap().status(), 200);
     service.stop();
 }
 
