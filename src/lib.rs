@@ -4,7 +4,8 @@
 //!
 //! # Layout: one `POST /orders`, from the request down to the SQL
 //!
-//! 1. [`http`] routes it to `http::orders::place`, which validates the body into an
+//! 1. [`http`] checks the caller's bearer token ([`http::access`], with [`auth`]) and routes it
+//!    to `http::orders::place`, which validates the body into an
 //!    [`orders::PlaceOrder`] and knows no SQL; [`http::problem`] is the one place where errors
 //!    ([`error::Error`], and the [`error::FailureCode`] of a rejected order) become HTTP.
 //! 2. [`orders::Orders::place`] builds the pending order and the saga's input and asks the
