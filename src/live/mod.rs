@@ -516,20 +516,22 @@ async fn poll_feed(inner: &Inner, state: &mut FeedState) -> Result<(), sqlx::Err
     let left: Vec<String> = state.unfinished.iter().filter(|id| !seen.contains_key(*id)).cloned().collect();
     let changed: Vec<&str> =
         seen.iter().filter(|(id, n)| state.known.get(*id) != Some(n)).map(|(id, _)| id.as_str()).collect();
-    let mut wanted: Vec<&str> = if fresh { seen.keys().map(String::as_str).collect() } else { changed.clone() };
+    let mut wanted: Vec<&str> = if fresh { seen.keys().map(String::as_str).collect() } else { changed };
     wanted.extend(left.iter().map(String::as_str));
     let mut summaries = Vec::new();
     for chunk in wanted.chunks(SAGAS_PER_QUERY) {
         inner.counted(1);
         summaries.extend(store::summaries(&inner.db, chunk).await?);
     }
-    let changed: HashSet<&str> = changed.into_iter().collect();
-    let news: Vec<&SagaSummary> = summaries
-        .iter()
-        .filter(|s| {
-            changed.contains(s.id.as_str()) || (left.contains(&s.id) && state.known.get(&s.id) != Some(&s.next_seq))
-        })
-        .collect();
+    // A summary is read after the list, so it may be newer than the list said: judge what is
+    // news, and remember what was sent, by the summary itself, or the next poll would see the
+    // list catch up and send the same summary again.
+    let news: Vec<&SagaSummary> = summaries.iter().filter(|s| state.known.get(&s.id) != Some(&s.next_seq)).collect();
+    for summary in &summaries {
+        if let Some(next_seq) = seen.get_mut(&summary.id) {
+            *next_seq = summary.next_seq;
+        }
+    }
     {
         let mut registry = inner.registry.lock().unwrap();
         registry.feeds.retain(|_, sub| {
