@@ -15,36 +15,12 @@ use auth_support::*;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_order-saga");
-
 /// How long the service may take to start, stop, or act on a signal.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A command for the binary with no configuration inherited from the environment.
 fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for var in [
-        "DATABASE_URL",
-        "INVENTORY_DATABASE_URL",
-        "BIND_ADDR",
-        "RUST_LOG",
-        "LOG_FORMAT",
-        "AUTH_JWT_SECRET",
-        "AUTH_JWT_PUBLIC_KEY",
-        "AUTH_JWT_JWKS",
-        "AUTH_JWT_ISSUER",
-        "AUTH_JWT_AUDIENCE",
-        "AUTH_DISABLED",
-        "METRICS_TOKEN",
-        "CORS_ALLOW_ORIGINS",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ] {
-        command.env_remove(var);
-    }
+    let mut command = common::binary_command();
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
@@ -194,7 +170,7 @@ async fn jwks_keys_rotate_on_sighup() {
     let both = json!({"keys": [k1.rsa_jwk("k1", None), k2.ec_jwk("k2", Some("ES256"))]});
     write_atomically(&jwks, &both.to_string());
 
-    let port = free_port();
+    let port = common::free_port();
     let mut cmd = command();
     with_databases(&mut cmd).await;
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}")).env("AUTH_JWT_JWKS", &jwks);
@@ -235,7 +211,7 @@ async fn jwks_keys_rotate_on_sighup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_a_non_loopback_address_without_authentication() {
-    let port = free_port();
+    let port = common::free_port();
     let file = std::env::temp_dir().join(format!("order-saga-refusal-{}.db", uuid::Uuid::new_v4()));
     let mut child = command()
         .env("DATABASE_URL", &file)
@@ -254,7 +230,7 @@ async fn refuses_a_non_loopback_address_without_authentication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_a_non_loopback_address_with_auth_disabled_on_purpose() {
-    let port = free_port();
+    let port = common::free_port();
     let mut cmd = command();
     with_databases(&mut cmd).await;
     cmd.env("BIND_ADDR", format!("0.0.0.0:{port}")).env("AUTH_DISABLED", "true");
@@ -301,7 +277,7 @@ async fn the_secret_and_tokens_never_reach_the_logs_even_at_debug() {
     for format in ["text", "json"] {
         let secret = format!("secret-{}", uuid::Uuid::new_v4().simple());
         let scrape = format!("scrape-{}", uuid::Uuid::new_v4().simple());
-        let port = free_port();
+        let port = common::free_port();
         let mut cmd = command();
         with_databases(&mut cmd).await;
         cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))

@@ -4,26 +4,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_order-saga");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A command for the binary with no configuration inherited from the environment.
 fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for var in [
-        "DATABASE_URL",
-        "INVENTORY_DATABASE_URL",
-        "BIND_ADDR",
-        "RUST_LOG",
-        "LOG_FORMAT",
-        "TLS_CERT_FILE",
-        "TLS_KEY_FILE",
-    ] {
-        command.env_remove(var);
-    }
+    let mut command = common::binary_command();
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
@@ -136,7 +119,7 @@ fn refuses_a_request_timeout_below_the_order_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_then_exits_zero_on_sigterm() {
     let dbs = common::fresh_databases().await;
-    let port = free_port();
+    let port = common::free_port();
     let mut cmd = command();
     cmd.env("DATABASE_URL", &dbs.url).env("BIND_ADDR", format!("127.0.0.1:{port}")).env("LOG_FORMAT", "json");
     if let Some(inventory) = &dbs.inventory_url {
@@ -162,10 +145,11 @@ async fn serves_then_exits_zero_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_on_one_sqlite_file_refuses_to_start() {
     let file = std::env::temp_dir().join(format!("{}.db", uuid::Uuid::new_v4()));
-    let port = free_port();
+    let port = common::free_port();
     let mut first = command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{port}")).spawn().unwrap();
     wait_healthy(&format!("http://127.0.0.1:{port}"), &mut first).await;
-    let second = command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{}", free_port())).output();
+    let second =
+        command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{}", common::free_port())).output();
     first.kill().ok();
     first.wait().ok();
     let second = second.unwrap();
@@ -173,7 +157,7 @@ async fn a_second_instance_on_one_sqlite_file_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("another order-saga instance is already using"), "{stderr}");
     // Once the first is gone, the file is free again.
-    let port = free_port();
+    let port = common::free_port();
     let mut third = command().env("DATABASE_URL", &file).env("BIND_ADDR", format!("127.0.0.1:{port}")).spawn().unwrap();
     wait_healthy(&format!("http://127.0.0.1:{port}"), &mut third).await;
     third.kill().ok();

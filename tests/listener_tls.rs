@@ -19,8 +19,6 @@ use rcgen::{
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_order-saga");
-
 /// How long anything may take before the test calls it hung: a guard, not a measure.
 const HANG: Duration = Duration::from_secs(60);
 
@@ -62,18 +60,7 @@ fn https_client(pki: &Pki) -> reqwest::Client {
 
 /// A command for the binary with no configuration inherited from the environment.
 fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for var in [
-        "DATABASE_URL",
-        "INVENTORY_DATABASE_URL",
-        "BIND_ADDR",
-        "RUST_LOG",
-        "LOG_FORMAT",
-        "TLS_CERT_FILE",
-        "TLS_KEY_FILE",
-    ] {
-        command.env_remove(var);
-    }
+    let mut command = common::binary_command();
     command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     command
 }

@@ -227,3 +227,34 @@ pub async fn stock_levels(app: &TestApp, products: &[(&str, i64)]) -> Vec<(i64, 
     }
     stock
 }
+
+/// A free port on loopback, for a binary told to listen on it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A command for the `order-saga` binary with no configuration inherited from the environment.
+pub fn binary_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_order-saga"));
+    for var in [
+        "DATABASE_URL",
+        "INVENTORY_DATABASE_URL",
+        "BIND_ADDR",
+        "RUST_LOG",
+        "LOG_FORMAT",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+        "AUTH_JWT_SECRET",
+        "AUTH_JWT_PUBLIC_KEY",
+        "AUTH_JWT_JWKS",
+        "AUTH_JWT_ISSUER",
+        "AUTH_JWT_AUDIENCE",
+        "AUTH_DISABLED",
+        "METRICS_TOKEN",
+        "CORS_ALLOW_ORIGINS",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
