@@ -10,6 +10,9 @@
 #
 # Usage: tests/tls/setup-postgres-tls.sh [DIR]; the test's environment is printed at the end.
 set -euo pipefail
+# Only the environment goes to stdout (the caller reads it line by line); everything the tools
+# print, such as pg_ctlcluster's "Removed stale pid file.", goes to stderr.
+exec 3>&1 1>&2
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="${1:-$root/target/pg-tls}"
 port=5434
@@ -130,7 +133,7 @@ SELECT 'CREATE ROLE $cert_user LOGIN CREATEDB'
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$cert_user') \gexec
 EOF
 
-cat <<EOF
+cat >&3 <<EOF
 TEST_TLS_DATABASE_URL=postgres://postgres@localhost:$port/postgres
 TEST_TLS_CA=$dir/ca.crt
 TEST_TLS_OTHER_CA=$dir/other-ca.crt
