@@ -2,6 +2,7 @@
 //! It knows the services, never SQL.
 
 pub mod access;
+pub mod early;
 pub mod extract;
 pub mod live;
 pub mod orders;
@@ -126,7 +127,7 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
         .layer(middleware::map_response(problem::problem_for_bare_errors))
         // Inside CORS, so that a browser can read a 401 / 403; outside the handlers' limits, so
-        // that an unauthenticated caller costs no body read.
+        // that an unauthenticated caller's body is never parsed (only drained, by `early`).
         .layer(middleware::from_fn_with_state(state.access.clone(), access::authenticate))
         .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
@@ -142,6 +143,9 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
             },
         ))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        // Outermost, so that it sees every answer, whichever layer gave it before the body was
+        // read: it closes the connection after such an answer and drains the body's rest.
+        .layer(middleware::from_fn(early::answer_early))
 }
 
 /// The span of one request, named by its method and route template, in the trace of the

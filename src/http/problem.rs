@@ -164,11 +164,6 @@ pub async fn problem_for_bare_errors(response: Response) -> Response {
                 problem.headers_mut().insert(name.clone(), value.clone());
             }
         }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The body was not read, so the connection cannot carry another request; say so
-            // rather than let a keep-alive client find out on its next request.
-            problem.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
         return problem;
     }
     response
