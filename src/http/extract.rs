@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::problem::Problem;
 use crate::error::FieldError;
+use crate::limits;
 
 /// Parses a JSON object body, refusing other media types and malformed JSON.
 pub fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, Problem> {
@@ -71,9 +72,9 @@ impl<'a, 'e> Fields<'a, 'e> {
         Some(s.to_string())
     }
 
-    /// An id: 1..=64 characters of `[A-Za-z0-9._-]`.
+    /// A product id (see [`limits::ID_PATTERN`]).
     pub fn id(&mut self, name: &str) -> Option<String> {
-        let s = self.string(name, 1, 64)?;
+        let s = self.string(name, 1, limits::ID_CHARS)?;
         if !is_id(&s) {
             self.fail(name, "may contain only letters, digits, '.', '_' and '-'");
             return None;
@@ -116,33 +117,33 @@ impl<'a, 'e> Fields<'a, 'e> {
     }
 }
 
-/// True for 1..=64 characters of `[A-Za-z0-9._-]`: the ids of products.
-pub fn is_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use limits::is_id;
 
-/// Reads `limit` (1..=500, default 50) from a query string's parameters.
+/// Reads `limit` (see [`limits::PAGE_MIN`]) from a query string's parameters.
 pub fn limit(params: &std::collections::HashMap<String, String>, errors: &mut Vec<FieldError>) -> i64 {
+    let (min, max) = (limits::PAGE_MIN, limits::PAGE_MAX);
     match params.get("limit") {
-        None => 50,
+        None => limits::PAGE_DEFAULT,
         Some(raw) => match raw.parse::<i64>() {
-            Ok(n) if (1..=500).contains(&n) => n,
+            Ok(n) if (min..=max).contains(&n) => n,
             _ => {
-                errors.push(FieldError::new("limit", "must be an integer from 1 to 500"));
-                50
+                errors.push(FieldError::new("limit", format!("must be an integer from {min} to {max}")));
+                limits::PAGE_DEFAULT
             }
         },
     }
 }
 
-/// Reads the `Idempotency-Key` header: 1..=255 printable ASCII characters, if present.
+/// Reads the `Idempotency-Key` header: 1 to [`limits::IDEMPOTENCY_KEY_CHARS`] printable ASCII
+/// characters, if present.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
     let bytes = raw.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+    let max = limits::IDEMPOTENCY_KEY_CHARS;
+    if bytes.is_empty() || bytes.len() > max || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
         return Err(Problem::validation(vec![FieldError::new(
             "Idempotency-Key",
-            "must be 1 to 255 printable ASCII characters",
+            format!("must be 1 to {max} printable ASCII characters"),
         )]));
     }
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))

@@ -17,6 +17,7 @@ use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
 use crate::idempotency;
 use crate::inventory::Line;
+use crate::limits;
 use crate::orders::{FailureCode, IdempotencyKey, Order, OrderStatus, PlaceOrder};
 
 /// The API's view of an order.
@@ -41,8 +42,8 @@ pub fn view(o: &Order) -> Value {
 fn parse_place(object: &serde_json::Map<String, Value>) -> Result<PlaceOrder, Problem> {
     let mut errors = Vec::new();
     let mut fields = Fields::new(object, "", &mut errors);
-    let customer_id = fields.string("customer_id", 1, 128);
-    let raw_items = fields.array("items", 1, 100);
+    let customer_id = fields.string("customer_id", 1, limits::CUSTOMER_ID_CHARS);
+    let raw_items = fields.array("items", 1, limits::MAX_ITEMS);
     let mut items = Vec::new();
     let mut seen = HashSet::new();
     for (i, raw) in raw_items.into_iter().flatten().enumerate() {
@@ -52,7 +53,7 @@ fn parse_place(object: &serde_json::Map<String, Value>) -> Result<PlaceOrder, Pr
         };
         let mut fields = Fields::new(item, format!("items[{i}]."), &mut errors);
         let product_id = fields.id("product_id");
-        let quantity = fields.integer("quantity", 1, 1_000_000);
+        let quantity = fields.integer("quantity", 1, limits::MAX_QUANTITY);
         if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
             if !seen.insert(product_id.clone()) {
                 errors.push(FieldError::new(format!("items[{i}].product_id"), "each product may appear only once"));

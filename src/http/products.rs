@@ -13,7 +13,8 @@ use super::AppState;
 use super::extract::{self, Fields};
 use super::problem::{ApiResult, Problem};
 use crate::error::{Error, FieldError};
-use crate::inventory::{MAX_SAFE_INTEGER, NewProduct, Product};
+use crate::inventory::{NewProduct, Product};
+use crate::limits;
 
 /// The API's view of a product.
 pub fn view(p: &Product) -> Value {
@@ -29,9 +30,9 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let mut errors = Vec::new();
     let mut fields = Fields::new(&object, "", &mut errors);
     let id = fields.id("id");
-    let name = fields.string("name", 1, 200);
-    let price_cents = fields.integer("price_cents", 0, 100_000_000);
-    let stock = fields.integer("stock", 0, MAX_SAFE_INTEGER);
+    let name = fields.string("name", 1, limits::NAME_CHARS);
+    let price_cents = fields.integer("price_cents", 0, limits::MAX_PRICE_CENTS);
+    let stock = fields.integer("stock", 0, limits::MAX_STOCK);
     let (Some(id), Some(name), Some(price_cents), Some(stock)) = (id, name, price_cents, stock) else {
         return Err(Problem::validation(errors));
     };
@@ -74,7 +75,7 @@ pub async fn restock(
     }
     let object = extract::json_object(&headers, &body)?;
     let mut errors: Vec<FieldError> = Vec::new();
-    let quantity = Fields::new(&object, "", &mut errors).integer("quantity", 1, MAX_SAFE_INTEGER);
+    let quantity = Fields::new(&object, "", &mut errors).integer("quantity", 1, limits::MAX_STOCK);
     let Some(quantity) = quantity else { return Err(Problem::validation(errors)) };
     Ok(Json(view(&state.inventory.restock(&id, quantity).await?)))
 }

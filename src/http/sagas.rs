@@ -14,6 +14,7 @@ use super::extract::{self, Fields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
+use crate::limits;
 use crate::saga::state::step_views;
 use crate::saga::{Event, Operator, SagaDefinition, SagaFilter, SagaRecord, SagaState};
 
@@ -131,9 +132,9 @@ fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Ope
     let mut fields = Fields::new(&object, "", &mut errors);
     let actor = match caller.principal() {
         Some(principal) => Some(principal.to_string()),
-        None => fields.string("actor", 1, 100),
+        None => fields.string("actor", 1, limits::ACTOR_CHARS),
     };
-    let reason = fields.string("reason", 1, 500);
+    let reason = fields.string("reason", 1, limits::REASON_CHARS);
     for (name, value) in [("actor", &actor), ("reason", &reason)] {
         if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
             errors.push(FieldError::new(name, "must not be blank"));
