@@ -3,6 +3,7 @@
 
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::problem::Problem;
@@ -20,12 +21,115 @@ pub fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Valu
             "the body must be JSON: send Content-Type: application/json",
         ));
     }
-    match serde_json::from_slice::<Value>(body) {
+    match parse_strict(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Problem::validation(vec![FieldError::new("body", "must be a JSON object")])),
         Err(e) => {
             Err(Problem::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}")))
         }
+    }
+}
+
+/// Parses JSON refusing what `serde_json::Value` lets through: a member given twice in one
+/// object (whose meaning depends on the parser: serde_json keeps the last, others the first, so a
+/// proxy and this service could read two different requests), and nesting deeper than
+/// [`limits::JSON_DEPTH`]. The error says where, as serde_json's do.
+pub fn parse_strict(body: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = Strict { depth: 0 }.deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
+}
+
+/// Builds a [`Value`] one level down from `depth`.
+#[derive(Clone, Copy)]
+struct Strict {
+    depth: usize,
+}
+
+impl Strict {
+    fn deeper<E: de::Error>(self) -> Result<Strict, E> {
+        if self.depth >= limits::JSON_DEPTH {
+            return Err(E::custom(format_args!("nested deeper than {} levels", limits::JSON_DEPTH)));
+        }
+        Ok(Strict { depth: self.depth + 1 })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // serde_json refuses what does not fit a finite f64 (1e309) before it gets here.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        self.deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.deeper()?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(inner)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.deeper()?;
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                // The name is the client's own; shown short, so an answer never grows with it.
+                let shown: String = key.chars().take(64).collect();
+                return Err(de::Error::custom(format_args!("the member {shown:?} appears twice")));
+            }
+            let value = map.next_value_seed(inner)?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -165,4 +269,52 @@ pub fn page<T>(mut items: Vec<T>, limit: i64, view: impl Fn(&T) -> Value, cursor
     items.truncate(limit.max(0) as usize);
     let next_cursor = if more { items.last().map(&cursor) } else { None };
     serde_json::json!({ "items": items.iter().map(view).collect::<Vec<_>>(), "next_cursor": next_cursor })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn nested(levels: usize) -> String {
+        format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn strict_parsing_reads_what_serde_json_reads() {
+        let body = r#"{"a": [1, -2, 18446744073709551615, 1.5, 2.0, "s\u00e9", null, true, {}], "b": {"c": []}}"#;
+        assert_eq!(parse_strict(body.as_bytes()).unwrap(), serde_json::from_str::<Value>(body).unwrap());
+        assert_eq!(parse_strict(b" 7 ").unwrap(), json!(7));
+    }
+
+    #[test]
+    fn strict_parsing_refuses_a_member_given_twice_at_any_depth() {
+        for body in [r#"{"a": 1, "a": 2}"#, r#"{"a": {"b": 1, "c": 2, "b": 1}}"#, r#"[{"x": null, "x": null}]"#] {
+            let error = parse_strict(body.as_bytes()).unwrap_err().to_string();
+            assert!(error.contains("appears twice") && error.contains("at line 1 column"), "{body}: {error}");
+        }
+        let long = format!(r#"{{"{0}": 1, "{0}": 2}}"#, "k".repeat(10_000));
+        assert!(parse_strict(long.as_bytes()).unwrap_err().to_string().len() < 200, "the name is shown short");
+        // The same name in two objects is no duplicate.
+        assert!(parse_strict(br#"{"a": {"id": 1}, "b": {"id": 1}}"#).is_ok());
+    }
+
+    #[test]
+    fn strict_parsing_bounds_the_depth_without_recursing_far() {
+        assert!(parse_strict(nested(limits::JSON_DEPTH).as_bytes()).is_ok());
+        for levels in [limits::JSON_DEPTH + 1, 10_000, 1_000_000] {
+            let error = parse_strict(nested(levels).as_bytes()).unwrap_err().to_string();
+            assert!(error.contains("nested deeper than"), "{levels}: {error}");
+        }
+        let objects = format!("{}1{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        assert!(parse_strict(objects.as_bytes()).unwrap_err().to_string().contains("nested deeper than"));
+    }
+
+    #[test]
+    fn strict_parsing_refuses_trailing_text_and_bad_numbers() {
+        for body in [&b"{} x"[..], b"{\"a\": 1e309}", b"", b"\xef\xbb\xbf{}", b"{\"a\": \"\xff\"}"] {
+            assert!(parse_strict(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+    }
 }
