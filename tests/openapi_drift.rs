@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use order_saga::http::{OPENAPI_YAML, ROUTES};
+use order_saga::limits;
 use order_saga::saga::{Fault, FaultPlan, Phase, StepError};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::{Value, json};
@@ -829,12 +830,15 @@ fn refused_and_accepted(doc: &Value, schema: &Value, example: &Value) -> (Vec<Va
         }
     } else if types.iter().any(|t| t == "string") {
         refused.push(json!(7));
-        // Within a pattern, only ASCII letters are sure to fit; otherwise count characters,
-        // not bytes, with a two-byte one.
-        let unit = if schema.get("pattern").is_some() { "a" } else { "é" };
-        if schema.get("pattern").is_some() {
-            refused.push(json!("not an id!"));
-        }
+        // Within the id pattern, only ASCII letters are sure to fit; otherwise count characters,
+        // not bytes, with a two-byte one. Each pattern the spec uses has a value it refuses.
+        let (unit, off_pattern) = match schema["pattern"].as_str() {
+            None => ("é", None),
+            Some(limits::ID_PATTERN) => ("a", Some("not an id!")),
+            Some(limits::TEXT_PATTERN) => ("é", Some("a bell\u{7} rings")),
+            Some(other) => panic!("no value known to break the pattern {other}"),
+        };
+        refused.extend(off_pattern.map(|v| json!(v)));
         if let Some(min) = len("minLength") {
             if min > 0 {
                 refused.push(json!(unit.repeat(min - 1)));

@@ -161,7 +161,8 @@ impl<'a, 'e> Fields<'a, 'e> {
         }
     }
 
-    /// A string of `min..=max` characters.
+    /// A string of `min..=max` characters, none of them a control character (see
+    /// [`limits::TEXT_PATTERN`]).
     pub fn string(&mut self, name: &str, min: usize, max: usize) -> Option<String> {
         let value = self.present(name)?;
         let Some(s) = value.as_str() else {
@@ -171,6 +172,10 @@ impl<'a, 'e> Fields<'a, 'e> {
         let len = s.chars().count();
         if len < min || len > max {
             self.fail(name, format!("must be {min} to {max} characters long"));
+            return None;
+        }
+        if !limits::is_text(s) {
+            self.fail(name, "must not contain control characters (U+0000 to U+001F, U+007F to U+009F)");
             return None;
         }
         Some(s.to_string())
