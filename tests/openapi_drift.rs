@@ -1010,8 +1010,9 @@ async fn request_bounds_in_the_spec_are_the_ones_enforced() {
     let (_, bulk_example) = request_body(&doc, "/sagas/retry", "post");
     assert_eq!((abort_example, bulk_example), (operator_example, operator_example));
 
-    // Query parameters: integers out of range and unknown enum values are refused, naming the
-    // parameter; their bounds and every enum value are accepted.
+    // Query parameters: integers out of range, unknown enum values, strings off their pattern or
+    // length and any parameter given twice are refused, naming the parameter; their bounds,
+    // every enum value and a string in its pattern are accepted.
     for (template, method) in spec_operations(&doc) {
         if method != "get" || template.contains('{') {
             continue;
@@ -1033,6 +1034,34 @@ async fn request_bounds_in_the_spec_are_the_ones_enforced() {
                         accepted.push(bound.to_string());
                     }
                 }
+            }
+            // Values in the query string's percent-encoding.
+            match schema["pattern"].as_str() {
+                None => {}
+                Some(limits::ID_PATTERN) => {
+                    refused.extend(["not%20an%20id!".to_string(), "a".repeat(limits::ID_CHARS + 1)]);
+                    accepted.extend(["a".to_string(), "a".repeat(limits::ID_CHARS)]);
+                }
+                Some(limits::UUID_PATTERN) => {
+                    let id = "01a23634-0bb2-7601-8584-c888bcfe076e";
+                    refused.extend(["not-a-uuid".to_string(), id.to_uppercase(), format!("{id}0"), "%00".into()]);
+                    accepted.push(id.to_string());
+                }
+                Some(limits::TEXT_PATTERN) => {
+                    refused.extend(["a%07b".to_string(), "%00".into()]);
+                    accepted.push("caf%C3%A9".to_string());
+                }
+                Some(other) => panic!("{template}?{name}: no value known to break the pattern {other}"),
+            }
+            if let Some(max) = schema["maxLength"].as_u64() {
+                refused.push("c".repeat(max as usize + 1));
+                accepted.push("c".repeat(max as usize));
+            }
+            if let Some(min) = schema["minLength"].as_u64().filter(|m| *m > 0) {
+                refused.push("c".repeat(min as usize - 1));
+            }
+            if let Some(value) = accepted.first() {
+                refused.push(format!("{value}&{name}={value}"));
             }
             for value in refused {
                 let answer = p.get(&format!("{template}?{name}={value}")).await;

@@ -1,5 +1,6 @@
 //! Reading requests: the JSON body (media type, syntax, then each field's type and range) and
-//! query parameters, collecting every bad field into one `validation_failed` answer.
+//! query parameters, collecting every bad field into one `validation_failed` answer. The limits
+//! are those of [`crate::limits`].
 
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
@@ -228,18 +229,91 @@ impl<'a, 'e> Fields<'a, 'e> {
 
 pub use limits::is_id;
 
-/// Reads `limit` (see [`limits::PAGE_MIN`]) from a query string's parameters.
-pub fn limit(params: &std::collections::HashMap<String, String>, errors: &mut Vec<FieldError>) -> i64 {
-    let (min, max) = (limits::PAGE_MIN, limits::PAGE_MAX);
-    match params.get("limit") {
-        None => limits::PAGE_DEFAULT,
-        Some(raw) => match raw.parse::<i64>() {
-            Ok(n) if (min..=max).contains(&n) => n,
-            _ => {
-                errors.push(FieldError::new("limit", format!("must be an integer from {min} to {max}")));
-                limits::PAGE_DEFAULT
-            }
-        },
+/// Reads the parameters of a query string, recording each problem instead of stopping at the
+/// first. A parameter this API does not know is ignored; one it knows, given twice, is refused
+/// (which of the two would count is a guess a client should not have to make).
+pub struct QueryFields<'a, 'e> {
+    pairs: &'a [(String, String)],
+    /// Every bad parameter found so far.
+    pub errors: &'e mut Vec<FieldError>,
+}
+
+impl<'a, 'e> QueryFields<'a, 'e> {
+    /// The parameters `pairs`, as axum's `Query<Vec<(String, String)>>` decodes them.
+    pub fn new(pairs: &'a [(String, String)], errors: &'e mut Vec<FieldError>) -> Self {
+        Self { pairs, errors }
+    }
+
+    fn fail(&mut self, name: &str, message: impl Into<String>) {
+        self.errors.push(FieldError::new(name, message));
+    }
+
+    /// The parameter's value if it was given once; reported if it was given more often.
+    pub fn raw(&mut self, name: &str) -> Option<&'a str> {
+        let mut values = self.pairs.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        let first = values.next()?;
+        if values.next().is_some() {
+            self.fail(name, "may be given only once");
+            return None;
+        }
+        Some(first)
+    }
+
+    /// `limit`: the page size, from [`limits::PAGE_MIN`] to [`limits::PAGE_MAX`], else the
+    /// default.
+    pub fn limit(&mut self) -> i64 {
+        let (min, max) = (limits::PAGE_MIN, limits::PAGE_MAX);
+        match self.raw("limit") {
+            None => limits::PAGE_DEFAULT,
+            Some(raw) => match raw.parse::<i64>() {
+                Ok(n) if (min..=max).contains(&n) => n,
+                _ => {
+                    self.fail("limit", format!("must be an integer from {min} to {max}"));
+                    limits::PAGE_DEFAULT
+                }
+            },
+        }
+    }
+
+    /// An order or saga id, such as a page's `next_cursor` (see [`limits::UUID_PATTERN`]).
+    pub fn uuid(&mut self, name: &str) -> Option<String> {
+        let raw = self.raw(name)?;
+        if !limits::is_uuid(raw) {
+            self.fail(name, "must be an id as the service writes it (a lower-case UUID), such as a next_cursor");
+            return None;
+        }
+        Some(raw.to_string())
+    }
+
+    /// A product id or a saga kind (see [`limits::ID_PATTERN`]).
+    pub fn id(&mut self, name: &str) -> Option<String> {
+        let raw = self.raw(name)?;
+        if !limits::is_id(raw) {
+            let max = limits::ID_CHARS;
+            self.fail(name, format!("must be 1 to {max} letters, digits, '.', '_' or '-'"));
+            return None;
+        }
+        Some(raw.to_string())
+    }
+
+    /// Text of 1 to `max` characters without control characters (see [`limits::TEXT_PATTERN`]).
+    pub fn text(&mut self, name: &str, max: usize) -> Option<String> {
+        let raw = self.raw(name)?;
+        if raw.is_empty() || raw.chars().count() > max || !limits::is_text(raw) {
+            self.fail(name, format!("must be 1 to {max} characters, none of them a control character"));
+            return None;
+        }
+        Some(raw.to_string())
+    }
+
+    /// One of a fixed set of values, read by `parse`; `allowed` lists them for the message.
+    pub fn choice<T>(&mut self, name: &str, parse: impl Fn(&str) -> Option<T>, allowed: &str) -> Option<T> {
+        let raw = self.raw(name)?;
+        let parsed = parse(raw);
+        if parsed.is_none() {
+            self.fail(name, format!("must be one of {allowed}"));
+        }
+        parsed
     }
 }
 

@@ -1,6 +1,6 @@
 //! `/orders`: placing orders through the place_order saga, reading them, cancelling them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::{self, Caller};
-use super::extract::{self, Fields};
+use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
@@ -151,26 +151,22 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<S
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult<Response> {
     let mut errors = Vec::new();
-    let limit = extract::limit(&params, &mut errors);
-    let status = params.get("status").and_then(|s| {
-        let parsed = OrderStatus::parse(s);
-        if parsed.is_none() {
-            errors.push(FieldError::new("status", "must be one of pending, confirmed, rejected, cancelled"));
-        }
-        parsed
-    });
+    let mut query = QueryFields::new(&params, &mut errors);
+    let limit = query.limit();
+    let status = query.choice("status", OrderStatus::parse, "pending, confirmed, rejected, cancelled");
+    let asked = query.text("customer_id", limits::CUSTOMER_ID_CHARS);
+    let cursor = query.uuid("cursor");
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let customer = match (params.get("customer_id").map(String::as_str), caller.own_customer()) {
+    let customer = match (asked.as_deref(), caller.own_customer()) {
         (Some(asked), Some(own)) if asked != own => return Ok(access::forbidden("admin")),
         (asked, own) => own.or(asked),
     };
-    let cursor = params.get("cursor").map(String::as_str);
-    let orders = state.orders.list(customer, status, cursor, limit + 1).await?;
+    let orders = state.orders.list(customer, status, cursor.as_deref(), limit + 1).await?;
     Ok(Json(extract::page(orders, limit, view, |o| o.id.clone())).into_response())
 }
 

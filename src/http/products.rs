@@ -1,7 +1,5 @@
 //! `/products`: the inventory participant's products and stock.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -10,7 +8,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::extract::{self, Fields};
+use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
 use crate::error::{Error, FieldError};
 use crate::inventory::{NewProduct, Product};
@@ -52,14 +50,16 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 /// `GET /products?limit=&cursor=`: by id, a page at a time.
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let limit = extract::limit(&params, &mut errors);
+    let mut query = QueryFields::new(&params, &mut errors);
+    let limit = query.limit();
+    let cursor = query.id("cursor");
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let products = state.inventory.list(params.get("cursor").map(String::as_str), limit + 1).await?;
+    let products = state.inventory.list(cursor.as_deref(), limit + 1).await?;
     Ok(Json(extract::page(products, limit, view, |p| p.id.clone())))
 }
 

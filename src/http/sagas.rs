@@ -1,7 +1,5 @@
 //! `/sagas`: what operators see of the saga log: each saga's steps and full history.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -10,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::Caller;
-use super::extract::{self, Fields};
+use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
@@ -110,12 +108,12 @@ pub async fn abort(
 pub async fn retry_matching(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let filter = filter(&params, &mut errors);
+    let filter = filter(&mut QueryFields::new(&params, &mut errors));
     let by = operator(&caller, &headers, &body);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
@@ -149,11 +147,12 @@ fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Ope
 /// `GET /sagas?state=&kind=&stuck=&limit=&cursor=`: newest first.
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let limit = extract::limit(&params, &mut errors);
-    let mut filter = filter(&params, &mut errors);
+    let mut query = QueryFields::new(&params, &mut errors);
+    let limit = query.limit();
+    let mut filter = filter(&mut query);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
@@ -163,27 +162,16 @@ pub async fn list(
 }
 
 /// The `state`, `kind`, `stuck` and `cursor` filters of a saga listing.
-fn filter(params: &HashMap<String, String>, errors: &mut Vec<FieldError>) -> SagaFilter {
-    let saga_state = params.get("state").and_then(|s| {
-        let parsed = SagaState::parse(s);
-        if parsed.is_none() {
-            errors.push(FieldError::new("state", "must be one of running, compensating, completed, compensated"));
-        }
-        parsed
-    });
-    let stuck = params.get("stuck").and_then(|s| match s.as_str() {
-        "true" => Some(true),
-        "false" => Some(false),
-        _ => {
-            errors.push(FieldError::new("stuck", "must be true or false"));
-            None
-        }
-    });
-    SagaFilter {
-        state: saga_state,
-        kind: params.get("kind").cloned(),
-        stuck,
-        before: params.get("cursor").cloned(),
-        limit: 0,
-    }
+fn filter(query: &mut QueryFields) -> SagaFilter {
+    let state = query.choice("state", SagaState::parse, "running, compensating, completed, compensated");
+    let stuck = query.choice(
+        "stuck",
+        |s| match s {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        },
+        "true, false",
+    );
+    SagaFilter { state, kind: query.id("kind"), stuck, before: query.uuid("cursor"), limit: 0 }
 }
