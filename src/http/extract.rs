@@ -317,6 +317,12 @@ impl<'a, 'e> QueryFields<'a, 'e> {
     }
 }
 
+/// The 404 of a path id that cannot name a `what` (not a product id, not a UUID): such an id
+/// is never looked up, and never echoed, since it may be anything of any length.
+pub fn no_such(what: &str) -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} has this id"))
+}
+
 /// Reads the `Idempotency-Key` header: 1 to [`limits::IDEMPOTENCY_KEY_CHARS`] printable ASCII
 /// characters, if present.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {

@@ -144,6 +144,9 @@ fn accepted(order: &Order, location: String) -> Response {
 
 /// `GET /orders/{id}`: a customer's own orders only.
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("order"));
+    }
     Ok(Json(view(&state.orders.get_owned(&id, caller.own_customer()).await?)))
 }
 
@@ -173,6 +176,9 @@ pub async fn list(
 /// `POST /orders/{id}/cancel`: 200 once cancelled and its stock returned, 202 while that runs.
 /// A customer cancels their own orders only.
 pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("order"));
+    }
     let cancelled = state.orders.cancel(&id, caller.own_customer()).await.map_err(|e| match e {
         Error::NotFound(_) => Error::NotFound(format!("order {id:?}")),
         other => other,

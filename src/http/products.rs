@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
-use crate::error::{Error, FieldError};
+use crate::error::FieldError;
 use crate::inventory::{NewProduct, Product};
 use crate::limits;
 
@@ -42,7 +42,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Byt
 /// `GET /products/{id}`.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     if !extract::is_id(&id) {
-        return Err(Error::NotFound(format!("product {id:?}")).into());
+        return Err(extract::no_such("product"));
     }
     Ok(Json(view(&state.inventory.get(&id).await?)))
 }
@@ -71,7 +71,7 @@ pub async fn restock(
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     if !extract::is_id(&id) {
-        return Err(Error::NotFound(format!("product {id:?}")).into());
+        return Err(extract::no_such("product"));
     }
     let object = extract::json_object(&headers, &body)?;
     let mut errors: Vec<FieldError> = Vec::new();

@@ -61,6 +61,9 @@ fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> V
 
 /// `GET /sagas/{id}`: the saga, its steps and its events.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("saga"));
+    }
     detail(&state, &id).await
 }
 
@@ -86,6 +89,9 @@ pub async fn retry(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("saga"));
+    }
     let by = operator(&caller, &headers, &body)?;
     state.engine.retry(&id, &by).await.map_err(Error::from)?;
     detail(&state, &id).await
@@ -99,6 +105,9 @@ pub async fn abort(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("saga"));
+    }
     let by = operator(&caller, &headers, &body)?;
     state.engine.abort(&id, &by).await.map_err(Error::from)?;
     detail(&state, &id).await
