@@ -324,9 +324,14 @@ pub fn no_such(what: &str) -> Problem {
 }
 
 /// Reads the `Idempotency-Key` header: 1 to [`limits::IDEMPOTENCY_KEY_CHARS`] printable ASCII
-/// characters, if present.
+/// characters, if present, and sent once (of two keys, neither is more the request's than the
+/// other).
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
+    let mut keys = headers.get_all("idempotency-key").iter();
+    let Some(raw) = keys.next() else { return Ok(None) };
+    if keys.next().is_some() {
+        return Err(Problem::validation(vec![FieldError::new("Idempotency-Key", "must be sent only once")]));
+    }
     let bytes = raw.as_bytes();
     let max = limits::IDEMPOTENCY_KEY_CHARS;
     if bytes.is_empty() || bytes.len() > max || !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
