@@ -22,7 +22,7 @@ pub const LEEWAY_SECS: u64 = 30;
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The longest `sub` accepted: a principal may stand for a customer, whose id is at most this.
-pub const MAX_SUBJECT_CHARS: usize = 128;
+pub const MAX_SUBJECT_CHARS: usize = crate::limits::CUSTOMER_ID_CHARS;
 
 /// A secret setting (a key, a token): its `Debug` never shows it, so that a logged
 /// configuration leaks nothing.

@@ -526,13 +526,17 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their extended codes. Only
+                // for SQLite: many SQLSTATEs are digits too, and 22021 (a NUL in a string) or
+                // 42501 (no privilege) end in byte 5 and would pass for a busy database.
+                return code.parse::<i64>().is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6);
+            }
             // PostgreSQL: serialization failure, deadlock, connection exceptions (08*), login
             // refused (28*), a database not accepting connections or gone (55*, 3D000),
             // operator intervention such as shutdown (57*), insufficient resources (53*).
-            // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) with their extended codes.
             matches!(code.as_ref(), "40001" | "40P01" | "3D000")
                 || ["08", "28", "53", "55", "57"].iter().any(|class| code.starts_with(class))
-                || code.parse::<i64>().is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
         }
         _ => false,
     }

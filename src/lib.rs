@@ -46,6 +46,8 @@ pub mod idempotency;
 pub mod insert;
 /// The inventory participant: products, stock and reservations.
 pub mod inventory;
+/// Every input limit of the API, one constant each, as `openapi.yaml` states them.
+pub mod limits;
 /// Live progress: the one poller per instance behind the event streams.
 pub mod live;
 /// The service's metrics, in the Prometheus text format.

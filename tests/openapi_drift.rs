@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use order_saga::http::{OPENAPI_YAML, ROUTES};
+use order_saga::limits;
 use order_saga::saga::{Fault, FaultPlan, Phase, StepError};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::{Value, json};
@@ -830,12 +831,15 @@ fn refused_and_accepted(doc: &Value, schema: &Value, example: &Value) -> (Vec<Va
         }
     } else if types.iter().any(|t| t == "string") {
         refused.push(json!(7));
-        // Within a pattern, only ASCII letters are sure to fit; otherwise count characters,
-        // not bytes, with a two-byte one.
-        let unit = if schema.get("pattern").is_some() { "a" } else { "é" };
-        if schema.get("pattern").is_some() {
-            refused.push(json!("not an id!"));
-        }
+        // Within the id pattern, only ASCII letters are sure to fit; otherwise count characters,
+        // not bytes, with a two-byte one. Each pattern the spec uses has a value it refuses.
+        let (unit, off_pattern) = match schema["pattern"].as_str() {
+            None => ("é", None),
+            Some(limits::ID_PATTERN) => ("a", Some("not an id!")),
+            Some(limits::TEXT_PATTERN) => ("é", Some("a bell\u{7} rings")),
+            Some(other) => panic!("no value known to break the pattern {other}"),
+        };
+        refused.extend(off_pattern.map(|v| json!(v)));
         if let Some(min) = len("minLength") {
             if min > 0 {
                 refused.push(json!(unit.repeat(min - 1)));
@@ -1007,9 +1011,10 @@ async fn request_bounds_in_the_spec_are_the_ones_enforced() {
     let (_, bulk_example) = request_body(&doc, "/sagas/retry", "post");
     assert_eq!((abort_example, bulk_example), (operator_example, operator_example));
 
-    // Query parameters: integers out of range, unknown enum values and booleans other than
-    // `true` / `false` are refused, naming the parameter; their bounds, every enum value and
-    // both booleans are accepted.
+    // Query parameters: integers out of range, unknown enum values, booleans other than `true` /
+    // `false`, strings off their pattern or length and any parameter given twice are refused,
+    // naming the parameter; their bounds, every enum value, both booleans and a string in its
+    // pattern are accepted.
     for (template, method) in spec_operations(&doc) {
         if method != "get" || template.contains('{') {
             continue;
@@ -1035,6 +1040,34 @@ async fn request_bounds_in_the_spec_are_the_ones_enforced() {
                         accepted.push(bound.to_string());
                     }
                 }
+            }
+            // Values in the query string's percent-encoding.
+            match schema["pattern"].as_str() {
+                None => {}
+                Some(limits::ID_PATTERN) => {
+                    refused.extend(["not%20an%20id!".to_string(), "a".repeat(limits::ID_CHARS + 1)]);
+                    accepted.extend(["a".to_string(), "a".repeat(limits::ID_CHARS)]);
+                }
+                Some(limits::UUID_PATTERN) => {
+                    let id = "01a23634-0bb2-7601-8584-c888bcfe076e";
+                    refused.extend(["not-a-uuid".to_string(), id.to_uppercase(), format!("{id}0"), "%00".into()]);
+                    accepted.push(id.to_string());
+                }
+                Some(limits::TEXT_PATTERN) => {
+                    refused.extend(["a%07b".to_string(), "%00".into()]);
+                    accepted.push("caf%C3%A9".to_string());
+                }
+                Some(other) => panic!("{template}?{name}: no value known to break the pattern {other}"),
+            }
+            if let Some(max) = schema["maxLength"].as_u64() {
+                refused.push("c".repeat(max as usize + 1));
+                accepted.push("c".repeat(max as usize));
+            }
+            if let Some(min) = schema["minLength"].as_u64().filter(|m| *m > 0) {
+                refused.push("c".repeat(min as usize - 1));
+            }
+            if let Some(value) = accepted.first() {
+                refused.push(format!("{value}&{name}={value}"));
             }
             for value in refused {
                 let answer = p.get(&format!("{template}?{name}={value}")).await;

@@ -22,6 +22,7 @@ use super::orders::view;
 use super::problem::ApiResult;
 use crate::db::rfc3339;
 use crate::error::Error;
+use crate::limits;
 use crate::live::{FeedWatch, OrderUpdate, OrderWatch, SagaSummary};
 
 /// How often a comment line keeps an idle stream open through proxies.
@@ -45,6 +46,9 @@ pub async fn order_events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    if !limits::is_uuid(&id) {
+        return Err(super::extract::no_such("order"));
+    }
     let last = match headers.get("last-event-id") {
         Some(value) => Some(
             value

@@ -36,7 +36,7 @@ use crate::telemetry;
 use problem::Problem;
 
 /// The largest request body accepted.
-pub const BODY_LIMIT: usize = 1024 * 1024;
+pub const BODY_LIMIT: usize = crate::limits::BODY_BYTES;
 
 /// The OpenAPI document, served at `/openapi.yaml`.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");

@@ -1,6 +1,6 @@
 //! `/orders`: placing orders through the place_order saga, reading them, cancelling them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -11,12 +11,13 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::{self, Caller};
-use super::extract::{self, Fields};
+use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
 use crate::idempotency;
 use crate::inventory::Line;
+use crate::limits;
 use crate::orders::{FailureCode, IdempotencyKey, Order, OrderStatus, PlaceOrder};
 
 /// The API's view of an order.
@@ -41,8 +42,8 @@ pub fn view(o: &Order) -> Value {
 fn parse_place(object: &serde_json::Map<String, Value>) -> Result<PlaceOrder, Problem> {
     let mut errors = Vec::new();
     let mut fields = Fields::new(object, "", &mut errors);
-    let customer_id = fields.string("customer_id", 1, 128);
-    let raw_items = fields.array("items", 1, 100);
+    let customer_id = fields.string("customer_id", 1, limits::CUSTOMER_ID_CHARS);
+    let raw_items = fields.array("items", 1, limits::MAX_ITEMS);
     let mut items = Vec::new();
     let mut seen = HashSet::new();
     for (i, raw) in raw_items.into_iter().flatten().enumerate() {
@@ -52,7 +53,7 @@ fn parse_place(object: &serde_json::Map<String, Value>) -> Result<PlaceOrder, Pr
         };
         let mut fields = Fields::new(item, format!("items[{i}]."), &mut errors);
         let product_id = fields.id("product_id");
-        let quantity = fields.integer("quantity", 1, 1_000_000);
+        let quantity = fields.integer("quantity", 1, limits::MAX_QUANTITY);
         if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
             if !seen.insert(product_id.clone()) {
                 errors.push(FieldError::new(format!("items[{i}].product_id"), "each product may appear only once"));
@@ -143,6 +144,9 @@ fn accepted(order: &Order, location: String) -> Response {
 
 /// `GET /orders/{id}`: a customer's own orders only.
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("order"));
+    }
     Ok(Json(view(&state.orders.get_owned(&id, caller.own_customer()).await?)))
 }
 
@@ -150,32 +154,31 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<S
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult<Response> {
     let mut errors = Vec::new();
-    let limit = extract::limit(&params, &mut errors);
-    let status = params.get("status").and_then(|s| {
-        let parsed = OrderStatus::parse(s);
-        if parsed.is_none() {
-            errors.push(FieldError::new("status", "must be one of pending, confirmed, rejected, cancelled"));
-        }
-        parsed
-    });
+    let mut query = QueryFields::new(&params, &mut errors);
+    let limit = query.limit();
+    let status = query.choice("status", OrderStatus::parse, "pending, confirmed, rejected, cancelled");
+    let asked = query.text("customer_id", limits::CUSTOMER_ID_CHARS);
+    let cursor = query.uuid("cursor");
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let customer = match (params.get("customer_id").map(String::as_str), caller.own_customer()) {
+    let customer = match (asked.as_deref(), caller.own_customer()) {
         (Some(asked), Some(own)) if asked != own => return Ok(access::forbidden("admin")),
         (asked, own) => own.or(asked),
     };
-    let cursor = params.get("cursor").map(String::as_str);
-    let orders = state.orders.list(customer, status, cursor, limit + 1).await?;
+    let orders = state.orders.list(customer, status, cursor.as_deref(), limit + 1).await?;
     Ok(Json(extract::page(orders, limit, view, |o| o.id.clone())).into_response())
 }
 
 /// `POST /orders/{id}/cancel`: 200 once cancelled and its stock returned, 202 while that runs.
 /// A customer cancels their own orders only.
 pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("order"));
+    }
     let cancelled = state.orders.cancel(&id, caller.own_customer()).await.map_err(|e| match e {
         Error::NotFound(_) => Error::NotFound(format!("order {id:?}")),
         other => other,

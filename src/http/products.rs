@@ -1,7 +1,5 @@
 //! `/products`: the inventory participant's products and stock.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -10,10 +8,11 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::extract::{self, Fields};
+use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
-use crate::error::{Error, FieldError};
-use crate::inventory::{MAX_SAFE_INTEGER, NewProduct, Product};
+use crate::error::FieldError;
+use crate::inventory::{NewProduct, Product};
+use crate::limits;
 
 /// The API's view of a product.
 pub fn view(p: &Product) -> Value {
@@ -29,9 +28,9 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let mut errors = Vec::new();
     let mut fields = Fields::new(&object, "", &mut errors);
     let id = fields.id("id");
-    let name = fields.string("name", 1, 200);
-    let price_cents = fields.integer("price_cents", 0, 100_000_000);
-    let stock = fields.integer("stock", 0, MAX_SAFE_INTEGER);
+    let name = fields.string("name", 1, limits::NAME_CHARS);
+    let price_cents = fields.integer("price_cents", 0, limits::MAX_PRICE_CENTS);
+    let stock = fields.integer("stock", 0, limits::MAX_STOCK);
     let (Some(id), Some(name), Some(price_cents), Some(stock)) = (id, name, price_cents, stock) else {
         return Err(Problem::validation(errors));
     };
@@ -43,7 +42,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Byt
 /// `GET /products/{id}`.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     if !extract::is_id(&id) {
-        return Err(Error::NotFound(format!("product {id:?}")).into());
+        return Err(extract::no_such("product"));
     }
     Ok(Json(view(&state.inventory.get(&id).await?)))
 }
@@ -51,14 +50,16 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 /// `GET /products?limit=&cursor=`: by id, a page at a time.
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let limit = extract::limit(&params, &mut errors);
+    let mut query = QueryFields::new(&params, &mut errors);
+    let limit = query.limit();
+    let cursor = query.id("cursor");
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let products = state.inventory.list(params.get("cursor").map(String::as_str), limit + 1).await?;
+    let products = state.inventory.list(cursor.as_deref(), limit + 1).await?;
     Ok(Json(extract::page(products, limit, view, |p| p.id.clone())))
 }
 
@@ -70,11 +71,11 @@ pub async fn restock(
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     if !extract::is_id(&id) {
-        return Err(Error::NotFound(format!("product {id:?}")).into());
+        return Err(extract::no_such("product"));
     }
     let object = extract::json_object(&headers, &body)?;
     let mut errors: Vec<FieldError> = Vec::new();
-    let quantity = Fields::new(&object, "", &mut errors).integer("quantity", 1, MAX_SAFE_INTEGER);
+    let quantity = Fields::new(&object, "", &mut errors).integer("quantity", 1, limits::MAX_STOCK);
     let Some(quantity) = quantity else { return Err(Problem::validation(errors)) };
     Ok(Json(view(&state.inventory.restock(&id, quantity).await?)))
 }

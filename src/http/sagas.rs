@@ -1,7 +1,5 @@
 //! `/sagas`: what operators see of the saga log: each saga's steps and full history.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -10,10 +8,11 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::Caller;
-use super::extract::{self, Fields};
+use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
+use crate::limits;
 use crate::saga::state::step_views;
 use crate::saga::{Event, Operator, SagaDefinition, SagaFilter, SagaRecord, SagaState};
 
@@ -62,6 +61,9 @@ fn steps(saga: &SagaRecord, def: Option<&SagaDefinition>, events: &[Event]) -> V
 
 /// `GET /sagas/{id}`: the saga, its steps and its events.
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("saga"));
+    }
     detail(&state, &id).await
 }
 
@@ -87,6 +89,9 @@ pub async fn retry(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("saga"));
+    }
     let by = operator(&caller, &headers, &body)?;
     state.engine.retry(&id, &by).await.map_err(Error::from)?;
     detail(&state, &id).await
@@ -100,6 +105,9 @@ pub async fn abort(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
+    if !limits::is_uuid(&id) {
+        return Err(extract::no_such("saga"));
+    }
     let by = operator(&caller, &headers, &body)?;
     state.engine.abort(&id, &by).await.map_err(Error::from)?;
     detail(&state, &id).await
@@ -109,12 +117,12 @@ pub async fn abort(
 pub async fn retry_matching(
     State(state): State<AppState>,
     caller: Caller,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let filter = filter(&params, &mut errors);
+    let filter = filter(&mut QueryFields::new(&params, &mut errors));
     let by = operator(&caller, &headers, &body);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
@@ -131,9 +139,9 @@ fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Ope
     let mut fields = Fields::new(&object, "", &mut errors);
     let actor = match caller.principal() {
         Some(principal) => Some(principal.to_string()),
-        None => fields.string("actor", 1, 100),
+        None => fields.string("actor", 1, limits::ACTOR_CHARS),
     };
-    let reason = fields.string("reason", 1, 500);
+    let reason = fields.string("reason", 1, limits::REASON_CHARS);
     for (name, value) in [("actor", &actor), ("reason", &reason)] {
         if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
             errors.push(FieldError::new(name, "must not be blank"));
@@ -148,11 +156,12 @@ fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Ope
 /// `GET /sagas?state=&kind=&stuck=&limit=&cursor=`: newest first.
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
     let mut errors = Vec::new();
-    let limit = extract::limit(&params, &mut errors);
-    let mut filter = filter(&params, &mut errors);
+    let mut query = QueryFields::new(&params, &mut errors);
+    let limit = query.limit();
+    let mut filter = filter(&mut query);
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
@@ -162,27 +171,16 @@ pub async fn list(
 }
 
 /// The `state`, `kind`, `stuck` and `cursor` filters of a saga listing.
-fn filter(params: &HashMap<String, String>, errors: &mut Vec<FieldError>) -> SagaFilter {
-    let saga_state = params.get("state").and_then(|s| {
-        let parsed = SagaState::parse(s);
-        if parsed.is_none() {
-            errors.push(FieldError::new("state", "must be one of running, compensating, completed, compensated"));
-        }
-        parsed
-    });
-    let stuck = params.get("stuck").and_then(|s| match s.as_str() {
-        "true" => Some(true),
-        "false" => Some(false),
-        _ => {
-            errors.push(FieldError::new("stuck", "must be true or false"));
-            None
-        }
-    });
-    SagaFilter {
-        state: saga_state,
-        kind: params.get("kind").cloned(),
-        stuck,
-        before: params.get("cursor").cloned(),
-        limit: 0,
-    }
+fn filter(query: &mut QueryFields) -> SagaFilter {
+    let state = query.choice("state", SagaState::parse, "running, compensating, completed, compensated");
+    let stuck = query.choice(
+        "stuck",
+        |s| match s {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        },
+        "true, false",
+    );
+    SagaFilter { state, kind: query.id("kind"), stuck, before: query.uuid("cursor"), limit: 0 }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, now_ms};
 use crate::error::{Error, Result};
+use crate::limits::{CURSOR_COUNT_DIGITS, MAX_SAGAS_PER_ORDER};
 use crate::metrics::{Metrics, StreamLabels};
 use crate::orders::{Order, cancel_order, store as order_store};
 use crate::saga::{Event, EventKind, log};
@@ -34,8 +35,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// looks for new sagas: the clock skew between instances plus the delay between an id's minting
 /// and its commit that the feed tolerates for a saga that starts and finishes between two polls.
 pub const CREATION_OVERLAP: Duration = Duration::from_secs(10);
-/// Most sagas of one order a stream follows (its place_order saga and its cancel sagas).
-const MAX_SAGAS_PER_ORDER: usize = 64;
 /// Most sagas one poll statement names (each is a key range of `saga_events`).
 const SAGAS_PER_QUERY: usize = 100;
 /// Updates queued per order stream before the poller stops sending it more on this poll.
@@ -60,7 +59,7 @@ impl OrderCursor {
         let counts = parts
             .iter()
             .map(|p| {
-                let digits = !p.is_empty() && p.len() <= 15 && p.bytes().all(|b| b.is_ascii_digit());
+                let digits = !p.is_empty() && p.len() <= CURSOR_COUNT_DIGITS && p.bytes().all(|b| b.is_ascii_digit());
                 digits.then(|| p.parse::<i64>().ok()).flatten()
             })
             .collect::<Option<Vec<i64>>>()?;
@@ -259,10 +258,9 @@ impl Live {
     /// malformed or not one of this order's ([`Error::InvalidLastEventId`]); no such order.
     pub async fn watch_order(&self, order_id: &str, last_event_id: Option<&str>) -> Result<OrderWatch> {
         let cursor = match last_event_id {
+            // Not repeated back: the header may be anything up to the HTTP layer's limit.
             Some(text) => Some(OrderCursor::parse(text).ok_or_else(|| {
-                Error::InvalidLastEventId(format!(
-                    "{text:?} is not a cursor of this stream (such as \"7\" or \"11.2\")"
-                ))
+                Error::InvalidLastEventId("not a cursor of this stream (such as \"7\" or \"11.2\")".into())
             })?),
             None => None,
         };

@@ -221,9 +221,8 @@ impl Orders {
     /// Refuses an order whose total would pass 2^53 - 1. Only large quantities can, so the
     /// prices are read only then.
     async fn check_total(&self, request: &PlaceOrder) -> Result<()> {
-        const MAX_PRICE: i64 = 100_000_000;
         let units: i64 = request.items.iter().map(|l| l.quantity).sum();
-        if units.saturating_mul(MAX_PRICE) <= MAX_SAFE_INTEGER {
+        if units.saturating_mul(crate::limits::MAX_PRICE_CENTS) <= MAX_SAFE_INTEGER {
             return Ok(());
         }
         let ids: Vec<&str> = request.items.iter().map(|l| l.product_id.as_str()).collect();
