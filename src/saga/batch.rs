@@ -202,7 +202,7 @@ async fn run(
         let fault = match faults.get(run) {
             Some(decided) => decided.clone(),
             None => {
-                let fault = inner.fault(def, step, phase, next.attempts);
+                let fault = inner.fault(&next.id, def, step, phase, next.attempts);
                 faults.push(fault.clone());
                 fault
             }

@@ -169,10 +169,17 @@ impl Inner {
         }
     }
 
-    /// The injected fault, if any, for attempt `attempt` of `phase` of `step`.
-    pub(super) fn fault(&self, def: &SagaDefinition, step: &Step, phase: Phase, attempt: i64) -> Option<Fault> {
+    /// The injected fault, if any, for attempt `attempt` of `phase` of `step` of saga `saga_id`.
+    pub(super) fn fault(
+        &self,
+        saga_id: &str,
+        def: &SagaDefinition,
+        step: &Step,
+        phase: Phase,
+        attempt: i64,
+    ) -> Option<Fault> {
         let attempt = u32::try_from(attempt + 1).unwrap_or(u32::MAX);
-        self.faults.as_ref().and_then(|f| f.fault(def.kind, step.name, phase, attempt))
+        self.faults.as_ref().and_then(|f| f.fault_for(saga_id, def.kind, step.name, phase, attempt))
     }
 }
 

@@ -136,7 +136,7 @@ impl<'a> Driver<'a> {
         phase: Phase,
     ) -> Result<(), Halt> {
         let step = &def.steps[index];
-        let fault = self.inner.fault(def, step, phase, saga.attempts);
+        let fault = self.inner.fault(&saga.id, def, step, phase, saga.attempts);
         match &fault {
             Some(Fault::CrashBefore) => return Err(Halt::Crash),
             Some(Fault::Fail(error)) => {
