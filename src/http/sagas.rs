@@ -129,20 +129,30 @@ fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Ope
     let object = extract::json_object(headers, body)?;
     let mut errors = Vec::new();
     let mut fields = Fields::new(&object, "", &mut errors);
-    let actor = match caller.principal() {
-        Some(principal) => Some(principal.to_string()),
-        None => fields.string("actor", 1, 100),
+    // With authentication on the body's actor is ignored, but one that is there is still held to
+    // the spec's schema: turning authentication on must not widen what is accepted.
+    let stated = match caller.principal() {
+        Some(_) if object.get("actor").is_none_or(Value::is_null) => None,
+        _ => fields.string("actor", 1, 100),
     };
     let reason = fields.string("reason", 1, 500);
-    for (name, value) in [("actor", &actor), ("reason", &reason)] {
-        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+    for (name, value) in [("actor", &stated), ("reason", &reason)] {
+        if value.as_deref().is_some_and(is_blank) {
             errors.push(FieldError::new(name, "must not be blank"));
         }
     }
+    let actor = caller.principal().map(str::to_string).or(stated);
     match (actor, reason) {
         (Some(actor), Some(reason)) if errors.is_empty() => Ok(Operator { actor, reason }),
         _ => Err(Problem::validation(errors)),
     }
+}
+
+/// True when `text` has nothing but white space: Unicode's (what `str::trim` removes) and
+/// U+FEFF, which JSON Schema's `\s` (ECMA-262) also counts. The spec's pattern `[^\s\u0085]`
+/// (`\s` and U+0085, the one Unicode white space `\s` leaves out) refuses exactly these.
+fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c == '\u{feff}')
 }
 
 /// `GET /sagas?state=&kind=&stuck=&limit=&cursor=`: newest first.
@@ -184,5 +194,20 @@ fn filter(params: &HashMap<String, String>, errors: &mut Vec<FieldError>) -> Sag
         stuck,
         before: params.get("cursor").cloned(),
         limit: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_blank;
+
+    #[test]
+    fn blank_is_white_space_as_unicode_or_json_schema_reads_it() {
+        for blank in ["", " ", "\t\n", "\u{85}", "\u{a0}\u{3000}", "\u{feff}", "\u{2028}"] {
+            assert!(is_blank(blank), "{blank:?}");
+        }
+        for text in ["a", " a ", "\u{200b}", "_"] {
+            assert!(!is_blank(text), "{text:?}");
+        }
     }
 }
