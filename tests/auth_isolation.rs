@@ -182,6 +182,12 @@ async fn idempotency_keys_are_scoped_to_their_principal() {
     let retry = place(&app, &a, &body(None, 1), Some("key-1")).await;
     assert_eq!(header(&retry, "idempotent-replayed").as_deref(), Some("true"));
     assert_eq!(id(&success(retry, 201).await), id(&first));
+    // So is one whose customer_id is null, which counts as missing.
+    let mut null_customer = body(None, 1);
+    null_customer["customer_id"] = Value::Null;
+    let retry = place(&app, &a, &null_customer, Some("key-1")).await;
+    assert_eq!(header(&retry, "idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(id(&success(retry, 201).await), id(&first));
 
     // The same key and body from B is B's own order.
     let other = place(&app, &b, &body(None, 1), Some("key-1")).await;
