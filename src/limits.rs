@@ -33,6 +33,11 @@ pub const REASON_CHARS: usize = 500;
 /// PostgreSQL cannot store U+0000 at all, and the others only garble logs and pages.
 pub const TEXT_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
 
+/// An operator's `actor` and `reason`: free text (see [`TEXT_PATTERN`]) that is not blank, so
+/// with one character that is neither white space nor U+FEFF, which JSON Schema's `\s`
+/// (ECMA-262) counts as space and Rust's and Python's do not (see [`is_blank`]).
+pub const LINE_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F\uFEFF][^\x00-\x1F\x7F-\x9F]*$";
+
 /// The most lines an order may have.
 pub const MAX_ITEMS: usize = 100;
 
@@ -95,9 +100,25 @@ pub fn is_text(s: &str) -> bool {
     !s.chars().any(char::is_control)
 }
 
+/// True when `text` has nothing but white space: Unicode's (what `str::trim` removes) and
+/// U+FEFF, so that [`LINE_PATTERN`] refuses exactly what this refuses.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c == '\u{feff}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blank_is_white_space_as_unicode_or_json_schema_reads_it() {
+        for blank in ["", " ", "\t\n", "\u{85}", "\u{a0}\u{3000}", "\u{feff}", "\u{2028}"] {
+            assert!(is_blank(blank), "{blank:?}");
+        }
+        for text in ["a", " a ", "\u{200b}", "_"] {
+            assert!(!is_blank(text), "{text:?}");
+        }
+    }
 
     #[test]
     fn ids_uuids_and_text() {

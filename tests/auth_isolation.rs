@@ -182,6 +182,12 @@ async fn idempotency_keys_are_scoped_to_their_principal() {
     let retry = place(&app, &a, &body(None, 1), Some("key-1")).await;
     assert_eq!(header(&retry, "idempotent-replayed").as_deref(), Some("true"));
     assert_eq!(id(&success(retry, 201).await), id(&first));
+    // So is one whose customer_id is null, which counts as missing.
+    let mut null_customer = body(None, 1);
+    null_customer["customer_id"] = Value::Null;
+    let retry = place(&app, &a, &null_customer, Some("key-1")).await;
+    assert_eq!(header(&retry, "idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(id(&success(retry, 201).await), id(&first));
 
     // The same key and body from B is B's own order.
     let other = place(&app, &b, &body(None, 1), Some("key-1")).await;
@@ -301,6 +307,18 @@ async fn the_operator_controls_record_the_principal_as_actor() {
             success(get(app, admin, &path).await, 200).await
         }
     };
+    // Ignored, but not unchecked: an actor the spec refuses is refused with a token too, and the
+    // saga is left alone.
+    let controls = [format!("/sagas/{}/retry", sagas[0]), format!("/sagas/{}/abort", sagas[0]), "/sagas/retry".into()];
+    for bad in [json!("a".repeat(101)), json!(""), json!(" \t"), json!(7)] {
+        let body = json!({"actor": bad, "reason": "inventory is back"});
+        for path in &controls {
+            let refused = problem(post(&app, &admin, path, &body).await, 422, "validation_failed").await;
+            assert_eq!(refused["errors"][0]["field"], "actor", "{path} with actor {bad}: {refused}");
+        }
+    }
+    let untouched = success(get(&app, &admin, &format!("/sagas/{}", sagas[0])).await, 200).await;
+    assert!(operator_events(&untouched).is_empty(), "{untouched}");
     let claimed = json!({"actor": "someone-else", "reason": "inventory is back"});
     success(post(&app, &admin, &format!("/sagas/{}/retry", sagas[0]), &claimed).await, 200).await;
     let retried = settled(sagas[0].clone()).await;

@@ -837,6 +837,7 @@ fn refused_and_accepted(doc: &Value, schema: &Value, example: &Value) -> (Vec<Va
             None => ("é", None),
             Some(limits::ID_PATTERN) => ("a", Some("not an id!")),
             Some(limits::TEXT_PATTERN) => ("é", Some("a bell\u{7} rings")),
+            Some(limits::LINE_PATTERN) => ("é", Some(" \u{a0}\u{3000} ")),
             Some(other) => panic!("no value known to break the pattern {other}"),
         };
         refused.extend(off_pattern.map(|v| json!(v)));

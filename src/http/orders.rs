@@ -79,8 +79,12 @@ pub async fn place(
     let key = extract::idempotency_key(&headers)?;
     let mut object = extract::json_object(&headers, &body)?;
     if let Some(principal) = caller.principal() {
-        // Before the fingerprint, so that a retry that omits it replays one that named it.
-        object.entry("customer_id").or_insert_with(|| Value::from(principal));
+        // Before the fingerprint, so that a retry that omits it replays one that named it. A
+        // null member counts as missing (the spec's convention), so it defaults too.
+        let customer = object.entry("customer_id").or_insert(Value::Null);
+        if customer.is_null() {
+            *customer = Value::from(principal);
+        }
     }
     let request = parse_place(&object)?;
     if caller.own_customer().is_some_and(|own| own != request.customer_id) {

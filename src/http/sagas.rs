@@ -137,16 +137,19 @@ fn operator(caller: &Caller, headers: &HeaderMap, body: &Bytes) -> ApiResult<Ope
     let object = extract::json_object(headers, body)?;
     let mut errors = Vec::new();
     let mut fields = Fields::new(&object, "", &mut errors);
-    let actor = match caller.principal() {
-        Some(principal) => Some(principal.to_string()),
-        None => fields.string("actor", 1, limits::ACTOR_CHARS),
+    // With authentication on the body's actor is ignored, but one that is there is still held to
+    // the spec's schema: turning authentication on must not widen what is accepted.
+    let stated = match caller.principal() {
+        Some(_) if object.get("actor").is_none_or(Value::is_null) => None,
+        _ => fields.string("actor", 1, limits::ACTOR_CHARS),
     };
     let reason = fields.string("reason", 1, limits::REASON_CHARS);
-    for (name, value) in [("actor", &actor), ("reason", &reason)] {
-        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+    for (name, value) in [("actor", &stated), ("reason", &reason)] {
+        if value.as_deref().is_some_and(limits::is_blank) {
             errors.push(FieldError::new(name, "must not be blank"));
         }
     }
+    let actor = caller.principal().map(str::to_string).or(stated);
     match (actor, reason) {
         (Some(actor), Some(reason)) if errors.is_empty() => Ok(Operator { actor, reason }),
         _ => Err(Problem::validation(errors)),
