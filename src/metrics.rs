@@ -120,6 +120,8 @@ pub struct Metrics {
     pub live_poll_queries: Counter,
     /// Open live-progress streams on this instance.
     pub live_subscribers: Family<StreamLabels, Gauge>,
+    /// Requests answered 503 `overloaded` because `MAX_IN_FLIGHT` were in flight.
+    pub http_shed: Counter,
 }
 
 impl Default for Metrics {
@@ -192,6 +194,12 @@ impl Metrics {
             live_subscribers.get_or_create(&StreamLabels { stream }).set(0);
         }
         registry.register("order_saga_live_subscribers", "Open live-progress streams", live_subscribers.clone());
+        let http_shed = Counter::default();
+        registry.register(
+            "order_saga_http_shed",
+            "Requests answered 503 overloaded because MAX_IN_FLIGHT were in flight",
+            http_shed.clone(),
+        );
         Self {
             registry,
             sagas_started,
@@ -206,6 +214,7 @@ impl Metrics {
             db_connections,
             live_poll_queries,
             live_subscribers,
+            http_shed,
         }
     }
 

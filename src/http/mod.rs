@@ -8,6 +8,7 @@ pub mod orders;
 pub mod problem;
 pub mod products;
 pub mod sagas;
+pub mod shed;
 pub mod ui;
 
 use std::sync::Arc;
@@ -92,12 +93,15 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
     /// Origins allowed to call from a browser; `*` allows any.
     pub cors_allow_origins: Vec<String>,
+    /// Most requests (and handed-over sagas) in flight before 503 `overloaded` (`MAX_IN_FLIGHT`).
+    pub max_in_flight: usize,
 }
 
 /// Builds the router with its middleware.
 pub fn router(state: AppState, config: &HttpConfig) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
     let timeout = config.request_timeout;
+    let shed = shed::Shed::new(config.max_in_flight, state.engine.clone(), state.metrics.clone());
     Router::new()
         .route("/products", get(products::list).post(products::create))
         .route("/products/{id}", get(products::get))
@@ -128,6 +132,9 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         // Inside CORS, so that a browser can read a 401 / 403; outside the handlers' limits, so
         // that an unauthenticated caller costs no body read.
         .layer(middleware::from_fn_with_state(state.access.clone(), access::authenticate))
+        // Before the token is checked: an overloaded instance refuses with the least work. Inside
+        // CORS (a browser can read the 503; preflights take no slot) and the request metrics.
+        .layer(middleware::from_fn_with_state(shed, shed::limit_in_flight))
         .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
