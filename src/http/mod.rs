@@ -21,10 +21,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, OnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, OnFailure, OnResponse, TraceLayer};
 
 use crate::db::Db;
 use crate::inventory::Inventory;
@@ -139,15 +140,27 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(middleware::map_response(traceparent))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span).on_response(
-            |response: &Response, latency: Duration, span: &tracing::Span| {
-                span.record("status", response.status().as_u16());
-                if response.status().is_server_error() {
-                    span.record("otel.status_code", "error");
-                }
-                DefaultOnResponse::default().on_response(response, latency, span);
-            },
-        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(|response: &Response, latency: Duration, span: &tracing::Span| {
+                    span.record("status", response.status().as_u16());
+                    if response.status().is_server_error() {
+                        span.record("otel.status_code", "error");
+                    }
+                    DefaultOnResponse::default().on_response(response, latency, span);
+                })
+                .on_failure(|class: ServerErrorsFailureClass, latency: Duration, span: &tracing::Span| {
+                    // A 503 asks the client to come back: its cause is logged where it arises (a database
+                    // not answering, a request timed out) or counted (overloaded), and a burst of them
+                    // must not flood the log with errors while the service is busiest.
+                    let level = match class {
+                        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => tracing::Level::DEBUG,
+                        _ => tracing::Level::ERROR,
+                    };
+                    DefaultOnFailure::new().level(level).on_failure(class, latency, span);
+                }),
+        )
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
 }
 
@@ -204,12 +217,15 @@ fn cors(origins: &[String]) -> CorsLayer {
 async fn request_timeout(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "request_timeout",
-            "the request took longer than REQUEST_TIMEOUT_MS",
-        )
-        .into_response(),
+        Err(_) => {
+            tracing::warn!(?timeout, "request timed out (REQUEST_TIMEOUT_MS)");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "request_timeout",
+                "the request took longer than REQUEST_TIMEOUT_MS",
+            )
+            .into_response()
+        }
     }
 }
 

@@ -12,6 +12,8 @@
 //! still says it is alive, can be watched, and does not hold a slot for a stream's whole life.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -36,6 +38,10 @@ pub const UNCOUNTED: &[&str] = &[
     "/ui/app.css",
 ];
 
+/// At most one warning per this long while shedding: the metric counts every refusal, and the log
+/// must not grow with the very load it reports.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The slots, and what a slot handed to a saga waits on.
 #[derive(Clone)]
 pub struct Shed {
@@ -43,13 +49,44 @@ pub struct Shed {
     max: usize,
     engine: Engine,
     metrics: Option<Arc<Metrics>>,
+    /// Refusals since the start, for the warning.
+    refused: Arc<AtomicU64>,
+    /// When the last warning was logged, in ms after `started` (0: never).
+    warned_at: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl Shed {
     /// `max` slots (`MAX_IN_FLIGHT`); sagas handed a slot are watched through `engine`.
     pub fn new(max: usize, engine: Engine, metrics: Option<Arc<Metrics>>) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
-        Self { slots: Arc::new(Semaphore::new(max)), max, engine, metrics }
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            engine,
+            metrics,
+            refused: Arc::new(AtomicU64::new(0)),
+            warned_at: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        }
+    }
+
+    /// Counts a refusal, and says so in the log at most every [`WARN_EVERY`].
+    fn refused(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.http_shed.inc();
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = (self.started.elapsed().as_millis() as u64).max(1);
+        let last = self.warned_at.load(Ordering::Relaxed);
+        let due = last == 0 || now - last.min(now) >= WARN_EVERY.as_millis() as u64;
+        if due && self.warned_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(
+                max_in_flight = self.max,
+                refused_since_start = refused,
+                "shedding load: MAX_IN_FLIGHT requests are in flight, answering 503 overloaded"
+            );
+        }
     }
 
     /// The slots taken now: counted requests running, and sagas holding a handed-over slot.
@@ -70,9 +107,7 @@ pub async fn limit_in_flight(State(shed): State<Shed>, request: Request, next: N
         return next.run(request).await;
     }
     let Ok(slot) = shed.slots.clone().try_acquire_owned() else {
-        if let Some(metrics) = &shed.metrics {
-            metrics.http_shed.inc();
-        }
+        shed.refused();
         return Problem::overloaded().into_response();
     };
     let response = next.run(request).await;
