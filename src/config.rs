@@ -11,7 +11,7 @@ use crate::server::{self, ConnectionLimits};
 use crate::telemetry::TraceSettings;
 
 /// `MAX_IN_FLIGHT`'s default: see [`Config::max_in_flight`].
-pub const DEFAULT_MAX_IN_FLIGHT: u32 = 8192;
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1024;
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,13 +73,14 @@ pub struct Config {
     /// How often to look for unfinished sagas whose lease has expired.
     #[arg(long, env = "RECOVERY_INTERVAL_MS", default_value_t = 1000)]
     pub recovery_interval_ms: u64,
-    /// Most requests in flight at once (sagas started with `Prefer: respond-async`, or answered
-    /// 202, count until they settle); past it a request is answered 503 `overloaded` at once,
-    /// before anything is written. Health, readiness, metrics, event streams and static files
-    /// are not counted. The default is measured, not guessed (README, "Load shedding"): on this
-    /// project's 2-core reference machine the service answers about 1,000 orders/s on
-    /// PostgreSQL, so 8,192 in flight is roughly what can be answered within the default
-    /// ORDER_WAIT_MS of 5 s; 5,000 concurrent orders are all answered, none shed.
+    /// Most requests in flight at once; past it a request is answered 503 `overloaded` at once,
+    /// before anything is written for it. A request answered before the saga it started settles
+    /// (`Prefer: respond-async`, a 202) leaves its slot to the saga until it settles. Health,
+    /// readiness, metrics, the spec, event streams and the dashboard's files are not counted.
+    /// The default is measured (README, "Load shedding"): an admitted order waits about
+    /// in-flight / throughput for a database connection, and the pool gives up after 3 s (503
+    /// `database_unavailable`, late and after a wasted wait); at the 300 to 500 orders/s that
+    /// PostgreSQL sustains under a burst on a shared 2-core machine, that is about 1,000.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: u32,
     /// The longest a client may take to send a request's head: from the connection's opening,

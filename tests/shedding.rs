@@ -314,6 +314,16 @@ async fn slow_silent_and_idle_connections_are_closed() {
     app.stop().await;
 }
 
+/// A child process killed when the test ends, failed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     let dbs = fresh_databases().await;
@@ -339,7 +349,8 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     if let Some(inventory) = &dbs.inventory_url {
         command.env("INVENTORY_DATABASE_URL", inventory);
     }
-    let mut child = command.spawn().expect("the binary starts");
+    let mut child = Killed(command.spawn().expect("the binary starts"));
+    let child = &mut child.0;
     let client = reqwest::Client::builder().timeout(ANSWER_WAIT).build().unwrap();
     let healthz = format!("http://{addr}/healthz");
     let mut healthy = false;
@@ -367,8 +378,9 @@ async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
     assert!(child.try_wait().unwrap().is_none(), "the service is still running");
 
     child.kill().unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
         stderr.to_ascii_lowercase().contains("accept error") && stderr.contains("Too many open files"),
         "the service ran out of descriptors and logged it:\n{stderr}"
