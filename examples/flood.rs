@@ -119,23 +119,30 @@ async fn main() {
     }
     let wall = began.elapsed();
 
-    let mut by_answer: BTreeMap<String, usize> = BTreeMap::new();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut by_answer: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     for o in &outcomes {
         let key = match (o.status, &o.code) {
             (0, _) => "no answer".to_string(),
             (status, Some(code)) => format!("{status} {code}"),
             (status, None) => status.to_string(),
         };
-        *by_answer.entry(key).or_default() += 1;
+        by_answer.entry(key).or_default().push(o.latency);
     }
     let mut answered: Vec<Duration> = outcomes.iter().filter(|o| o.status != 0).map(|o| o.latency).collect();
     answered.sort();
     let mut created: Vec<Duration> = outcomes.iter().filter(|o| o.status == 201).map(|o| o.latency).collect();
     created.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("flood: {} orders at once against {} in {:.2} s", args.orders, args.url, wall.as_secs_f64());
-    for (answer, count) in &by_answer {
-        println!("  {answer:<28} {count}");
+    for (answer, latencies) in &mut by_answer {
+        latencies.sort();
+        println!(
+            "  {answer:<28} {:>6}   p50 {:>6.0} ms, p99 {:>6.0} ms, max {:>6.0} ms",
+            latencies.len(),
+            ms(percentile(latencies, 50.0)),
+            ms(percentile(latencies, 99.0)),
+            ms(percentile(latencies, 100.0)),
+        );
     }
     println!(
         "  latency of all answers: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
