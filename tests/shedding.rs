@@ -2,7 +2,8 @@
 //! `overloaded` at once and nothing is recorded for it, while health, readiness, metrics and
 //! streams still answer; a saga answered early keeps its slot until it settles; a silent or
 //! slow client is disconnected after `HEADER_READ_TIMEOUT_MS`, an idle one after
-//! `KEEPALIVE_IDLE_MS`; running out of file descriptors does not stop the accept loop.
+//! `KEEPALIVE_IDLE_MS`; the listen backlog is the kernel's limit or `LISTEN_BACKLOG`; running out
+//! of file descriptors does not stop the accept loop.
 mod common;
 
 use std::process::{Command, Stdio};
@@ -324,45 +325,65 @@ impl Drop for Killed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
+/// Starts the binary on fresh databases under `sh -c "<limits> && exec binary"`, with `env`, and
+/// waits until it answers; returns it (killed when dropped) and its address.
+async fn start_binary(shell_limits: &str, env: &[(&str, &str)]) -> (Killed, String) {
     let dbs = fresh_databases().await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    // The binary under a limit of 64 open files: well under the connections opened below.
+    let addr = format!("127.0.0.1:{}", free_port());
     let binary = binary_command();
     let mut command = Command::new("sh");
-    command.arg("-c").arg("ulimit -n 64 && exec \"$0\"").arg(binary.get_program());
+    command.arg("-c").arg(format!("{shell_limits} && exec \"$0\"")).arg(binary.get_program());
     for (name, value) in binary.get_envs() {
         match value {
             Some(value) => command.env(name, value),
             None => command.env_remove(name),
         };
     }
-    command
-        .env("DATABASE_URL", &dbs.url)
-        .env("BIND_ADDR", &addr)
-        .env("HEADER_READ_TIMEOUT_MS", "300")
-        .env("DB_MAX_CONNECTIONS", "4")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    command.env("DATABASE_URL", &dbs.url).env("BIND_ADDR", &addr).stdout(Stdio::null()).stderr(Stdio::piped());
     if let Some(inventory) = &dbs.inventory_url {
         command.env("INVENTORY_DATABASE_URL", inventory);
     }
+    for (name, value) in env {
+        command.env(name, value);
+    }
     let mut child = Killed(command.spawn().expect("the binary starts"));
-    let child = &mut child.0;
     let client = reqwest::Client::builder().timeout(ANSWER_WAIT).build().unwrap();
-    let healthz = format!("http://{addr}/healthz");
-    let mut healthy = false;
     for _ in 0..600 {
-        if client.get(&healthz).send().await.is_ok_and(|r| r.status() == 200) {
-            healthy = true;
-            break;
+        if client.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+            return (child, addr);
         }
-        assert!(child.try_wait().unwrap().is_none(), "the service exited early");
+        assert!(child.0.try_wait().unwrap().is_none(), "the service exited early");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(healthy, "the service never became healthy");
+    panic!("the service never became healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listen_backlog_is_the_kernels_limit_unless_set() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    for (env, expected) in [(None, somaxconn), (Some("77"), 77)] {
+        let settings: Vec<(&str, &str)> = env.map(|v| ("LISTEN_BACKLOG", v)).into_iter().collect();
+        let (_service, addr) = start_binary("true", &settings).await;
+        let port = addr.rsplit(':').next().unwrap();
+        // `ss` shows a listening socket's backlog as its Send-Q.
+        let ss = Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().expect("ss (iproute2) runs");
+        let listing = String::from_utf8_lossy(&ss.stdout);
+        let backlog: u32 = listing
+            .split_whitespace()
+            .nth(2)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or_else(|| panic!("no listening socket on port {port} in `ss`: {listing:?}"));
+        assert_eq!(backlog, expected, "LISTEN_BACKLOG {env:?}: {listing}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
+    // The binary under a limit of 64 open files: well under the connections opened below.
+    let (mut service, addr) =
+        start_binary("ulimit -n 64", &[("HEADER_READ_TIMEOUT_MS", "300"), ("DB_MAX_CONNECTIONS", "4")]).await;
+    let child = &mut service.0;
+    let healthz = format!("http://{addr}/healthz");
 
     // 150 silent connections: the service accepts what its descriptors allow, is refused the
     // rest (EMFILE), and takes them as the head timeout frees descriptors.
