@@ -13,6 +13,7 @@ use crate::auth::{KeyError, Verifier};
 use crate::config::Config;
 use crate::db::{Db, DbError, PoolSettings, normalize_url};
 use crate::http::access::Access;
+use crate::http::shed::Shed;
 use crate::http::{self, AppState, HttpConfig};
 use crate::inventory::Inventory;
 use crate::live::Live;
@@ -92,12 +93,12 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
         orders.check_legacy_keys().await.map_err(|e| StartupError::Config(format!("reading idempotency keys: {e}")))?;
     }
     let access = Access { verifier: verifier.clone(), metrics_token: config.metrics_token.clone() };
+    let shed = Shed::new(config.max_in_flight as usize, engine.clone(), metrics.clone());
     let state =
-        AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live, access };
+        AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live, access, shed };
     let http_config = HttpConfig {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         cors_allow_origins: config.cors_allow_origins.clone(),
-        max_in_flight: config.max_in_flight as usize,
     };
     let router = http::router(state.clone(), &http_config);
     let ttl = Duration::from_secs(config.idempotency_ttl_secs);

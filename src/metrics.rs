@@ -122,6 +122,8 @@ pub struct Metrics {
     pub live_subscribers: Family<StreamLabels, Gauge>,
     /// Requests answered 503 `overloaded` because `MAX_IN_FLIGHT` were in flight.
     pub http_shed: Counter,
+    /// Slots of `MAX_IN_FLIGHT` taken, read at scrape time.
+    pub http_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -200,6 +202,12 @@ impl Metrics {
             "Requests answered 503 overloaded because MAX_IN_FLIGHT were in flight",
             http_shed.clone(),
         );
+        let http_in_flight = Gauge::default();
+        registry.register(
+            "order_saga_http_in_flight",
+            "Requests and sagas holding a slot of MAX_IN_FLIGHT, at scrape time",
+            http_in_flight.clone(),
+        );
         Self {
             registry,
             sagas_started,
@@ -215,6 +223,7 @@ impl Metrics {
             live_poll_queries,
             live_subscribers,
             http_shed,
+            http_in_flight,
         }
     }
 

@@ -98,15 +98,23 @@ async fn assert_overloaded(response: reqwest::Response, what: &str) {
     assert_eq!(body["status"], 503, "{what}: {body}");
 }
 
-/// `order_saga_http_shed_total` as `GET /metrics` shows it.
-async fn shed_total(app: &TestApp) -> u64 {
+/// An unlabelled series as `GET /metrics` shows it.
+async fn metric(app: &TestApp, name: &str) -> u64 {
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix("order_saga_http_shed_total "))
-        .unwrap_or_else(|| panic!("no order_saga_http_shed_total in:\n{text}"))
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
         .trim()
         .parse()
         .unwrap()
+}
+
+async fn shed_total(app: &TestApp) -> u64 {
+    metric(app, "order_saga_http_shed_total").await
+}
+
+async fn in_flight(app: &TestApp) -> u64 {
+    metric(app, "order_saga_http_in_flight").await
 }
 
 /// The place_order sagas in the log.
@@ -162,6 +170,7 @@ async fn past_the_bound_a_request_is_refused_at_once_and_nothing_is_recorded() {
     assert_eq!(feed.status(), 200, "GET /sagas/events while saturated");
     drop(feed);
     assert_eq!(shed_total(&app).await, shed, "the metric counts each refusal");
+    assert_eq!(in_flight(&app).await, 2, "the two held requests hold the slots");
 
     // The load ends: the held orders are confirmed and new requests get slots again.
     gate.set_closed(false);
@@ -206,6 +215,7 @@ async fn a_saga_answered_early_keeps_its_slot_until_it_settles() {
     let accepted = post_order(&app, "async", "async-1", true).await;
     assert_eq!(accepted.status(), 202);
     let saga_id = accepted.json::<Value>().await.unwrap()["saga_id"].as_str().unwrap().to_string();
+    assert_eq!(in_flight(&app).await, 1, "the answered request's saga holds its slot");
     assert_overloaded(app.client.get(app.url("/products/p")).send().await.unwrap(), "while the saga runs").await;
     gate.set_closed(false);
     let settled = app.engine.wait_settled(&saga_id, ANSWER_WAIT).await.unwrap().expect("the saga settles");
@@ -232,6 +242,7 @@ async fn a_saga_answered_early_keeps_its_slot_until_it_settles() {
     let replayed = post_order(&app, "async", "async-1", true).await;
     assert_eq!(replayed.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
     assert_eq!(get_status(&app, "/products/p").await, 200);
+    assert_eq!(in_flight(&app).await, 0);
     assert_stock_invariants(&app, &[("p", 100)], true).await;
     app.stop().await;
 }

@@ -85,6 +85,8 @@ pub struct AppState {
     pub live: Live,
     /// Who may call: the token verifier (none with authentication off).
     pub access: access::Access,
+    /// The slots of `MAX_IN_FLIGHT`.
+    pub shed: shed::Shed,
 }
 
 /// HTTP settings.
@@ -94,15 +96,12 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
     /// Origins allowed to call from a browser; `*` allows any.
     pub cors_allow_origins: Vec<String>,
-    /// Most requests (and handed-over sagas) in flight before 503 `overloaded` (`MAX_IN_FLIGHT`).
-    pub max_in_flight: usize,
 }
 
 /// Builds the router with its middleware.
 pub fn router(state: AppState, config: &HttpConfig) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
     let timeout = config.request_timeout;
-    let shed = shed::Shed::new(config.max_in_flight, state.engine.clone(), state.metrics.clone());
     Router::new()
         .route("/products", get(products::list).post(products::create))
         .route("/products/{id}", get(products::get))
@@ -135,7 +134,7 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.access.clone(), access::authenticate))
         // Before the token is checked: an overloaded instance refuses with the least work. Inside
         // CORS (a browser can read the 503; preflights take no slot) and the request metrics.
-        .layer(middleware::from_fn_with_state(shed, shed::limit_in_flight))
+        .layer(middleware::from_fn_with_state(state.shed.clone(), shed::limit_in_flight))
         .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
@@ -263,6 +262,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         metrics.db_connections.get_or_create(&DbLabels { database, state: "idle" }).set(idle);
         metrics.db_connections.get_or_create(&DbLabels { database, state: "used" }).set(used.max(0));
     }
+    metrics.http_in_flight.set(state.shed.in_flight() as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.encode()).into_response()
 }
 

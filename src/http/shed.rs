@@ -89,7 +89,8 @@ impl Shed {
         }
     }
 
-    /// The slots taken now: counted requests running, and sagas holding a handed-over slot.
+    /// The slots taken now: counted requests running, and sagas holding a handed-over slot
+    /// (`order_saga_http_in_flight`).
     pub fn in_flight(&self) -> usize {
         self.max - self.slots.available_permits()
     }
