@@ -13,12 +13,14 @@ use crate::auth::{KeyError, Verifier};
 use crate::config::Config;
 use crate::db::{Db, DbError, PoolSettings, normalize_url};
 use crate::http::access::Access;
+use crate::http::shed::Shed;
 use crate::http::{self, AppState, HttpConfig};
 use crate::inventory::Inventory;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::orders::{self, Orders};
 use crate::saga::{Engine, EngineConfig, FaultInjector};
+use crate::server::{self, ConnectionLimits};
 
 /// Why the application could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub struct App {
     pub engine: Engine,
     /// The services, for callers that drive them directly.
     pub state: AppState,
+    /// `HEADER_READ_TIMEOUT_MS` and `KEEPALIVE_IDLE_MS`, applied to every connection served.
+    pub limits: ConnectionLimits,
     housekeeping: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -89,8 +93,9 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
         orders.check_legacy_keys().await.map_err(|e| StartupError::Config(format!("reading idempotency keys: {e}")))?;
     }
     let access = Access { verifier: verifier.clone(), metrics_token: config.metrics_token.clone() };
+    let shed = Shed::new(config.max_in_flight as usize, engine.clone(), metrics.clone());
     let state =
-        AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live, access };
+        AppState { orders: orders.clone(), inventory, engine: engine.clone(), databases, metrics, live, access, shed };
     let http_config = HttpConfig {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         cors_allow_origins: config.cors_allow_origins.clone(),
@@ -115,13 +120,14 @@ pub async fn build(config: &Config, faults: Option<Arc<dyn FaultInjector>>) -> R
         }
     })];
     housekeeping.extend(reload_keys_on_sighup(verifier));
-    Ok(App { router, engine, state, housekeeping })
+    Ok(App { router, engine, state, limits: config.connection_limits(), housekeeping })
 }
 
 impl App {
     /// Serves on `listener` until `shutdown` resolves, then stops accepting, lets running steps
     /// end within `grace` and releases this instance's leases. The listener is a plain
-    /// `tokio::net::TcpListener` or a [`crate::tls::TlsListener`]: anything `axum::serve` takes.
+    /// `tokio::net::TcpListener` or a [`crate::tls::TlsListener`]; each connection is held to
+    /// [`App::limits`] ([`crate::server`]).
     pub async fn serve<L>(
         self,
         listener: L,
@@ -133,11 +139,11 @@ impl App {
         L::Addr: std::fmt::Debug,
     {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
+        let server = server::serve(listener, self.router, self.limits, async move {
             let mut rx = stop_rx;
             let _ = rx.wait_for(|stop| *stop).await;
         });
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         shutdown.await;
         tracing::info!("shutting down: no new requests; letting running steps end");
         let _ = stop_tx.send(true);

@@ -58,6 +58,8 @@ pub mod migrate;
 pub mod orders;
 /// The generic saga engine and its durable log.
 pub mod saga;
+/// The listening socket and the accept loop: connection limits and graceful shutdown.
+pub mod server;
 /// A statement builder that numbers its own placeholders.
 pub mod sql;
 /// Logging setup.

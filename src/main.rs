@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use order_saga::config::{self, Config};
 use order_saga::tls::{self, TlsListener};
-use order_saga::{app, db, telemetry};
+use order_saga::{app, db, server, telemetry};
 
 // The service allocates on every request and statement; mimalloc spends markedly less CPU on
 // that than the system allocator (see bench/README.md).
@@ -55,7 +55,7 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = shutdown_signal();
-    let listener = match tokio::net::TcpListener::bind(&config.bind_addr).await {
+    let listener = match server::bind(&config.bind_addr, config.listen_backlog()).await {
         Ok(listener) => listener,
         Err(error) => {
             eprintln!("order-saga: cannot listen on {}: {error}", config.bind_addr);

@@ -120,6 +120,10 @@ pub struct Metrics {
     pub live_poll_queries: Counter,
     /// Open live-progress streams on this instance.
     pub live_subscribers: Family<StreamLabels, Gauge>,
+    /// Requests answered 503 `overloaded` because `MAX_IN_FLIGHT` were in flight.
+    pub http_shed: Counter,
+    /// Slots of `MAX_IN_FLIGHT` taken, read at scrape time.
+    pub http_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -192,6 +196,18 @@ impl Metrics {
             live_subscribers.get_or_create(&StreamLabels { stream }).set(0);
         }
         registry.register("order_saga_live_subscribers", "Open live-progress streams", live_subscribers.clone());
+        let http_shed = Counter::default();
+        registry.register(
+            "order_saga_http_shed",
+            "Requests answered 503 overloaded because MAX_IN_FLIGHT were in flight",
+            http_shed.clone(),
+        );
+        let http_in_flight = Gauge::default();
+        registry.register(
+            "order_saga_http_in_flight",
+            "Requests and sagas holding a slot of MAX_IN_FLIGHT, at scrape time",
+            http_in_flight.clone(),
+        );
         Self {
             registry,
             sagas_started,
@@ -206,6 +222,8 @@ impl Metrics {
             db_connections,
             live_poll_queries,
             live_subscribers,
+            http_shed,
+            http_in_flight,
         }
     }
 

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use order_saga::http::shed::UNCOUNTED;
 use order_saga::http::{OPENAPI_YAML, ROUTES};
 use order_saga::limits;
 use order_saga::saga::{Fault, FaultPlan, Phase, StepError};
@@ -448,6 +449,51 @@ impl<'a> Probe<'a> {
         assert!(errors.is_empty(), "the app and openapi.yaml disagree:\n{}", errors.join("\n"));
         validator.seen
     }
+}
+
+/// Every operation that load shedding counts answers 503 `overloaded` once `MAX_IN_FLIGHT` are in
+/// flight, and declares it; the ones it does not count still answer, never `overloaded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overloaded_answers_are_declared_by_every_operation_that_can_give_them() {
+    let doc = spec();
+    let dbs = fresh_databases().await;
+    let mut config = config(&dbs);
+    config.max_in_flight = 1;
+    let faults = Arc::new(FaultPlan::new());
+    let app = spawn_app_with(config, Some(faults.clone())).await;
+    let p = Probe::new(&app, &doc);
+    app.create_product("mug", 1250, 10).await;
+    // A saga answered at once but held at its first step keeps the only slot.
+    let injected = Fault::Fail(StepError::transient("injected: held for the drift test"));
+    faults.add("place_order", "reserve_stock", Phase::Action, injected, u32::MAX);
+    let held = app
+        .client
+        .post(app.url("/orders"))
+        .header("Prefer", "respond-async")
+        .json(&order_body("c-1", &[("mug", 1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 202);
+
+    for (template, methods) in ROUTES {
+        let path = template.replace("{id}", "drift-probe");
+        for method in *methods {
+            let answer = match *method {
+                "post" => p.post(&path, &json!({})).await,
+                _ => p.get(&path).await,
+            };
+            if UNCOUNTED.contains(template) {
+                assert_ne!(answer.body["code"], "overloaded", "{method} {template} is not counted: {}", answer.body);
+            } else {
+                assert_eq!(answer.status, 503, "{method} {template} while saturated: {}", answer.body);
+                assert_eq!(answer.body["code"], "overloaded", "{method} {template}");
+                assert_eq!(answer.header("retry-after"), Some("1"), "{method} {template}");
+            }
+        }
+    }
+    p.verify();
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ pub mod orders;
 pub mod problem;
 pub mod products;
 pub mod sagas;
+pub mod shed;
 pub mod ui;
 
 use std::sync::Arc;
@@ -21,10 +22,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, OnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, OnFailure, OnResponse, TraceLayer};
 
 use crate::db::Db;
 use crate::inventory::Inventory;
@@ -84,6 +86,8 @@ pub struct AppState {
     pub live: Live,
     /// Who may call: the token verifier (none with authentication off).
     pub access: access::Access,
+    /// The slots of `MAX_IN_FLIGHT`.
+    pub shed: shed::Shed,
 }
 
 /// HTTP settings.
@@ -129,19 +133,34 @@ pub fn router(state: AppState, config: &HttpConfig) -> Router {
         // Inside CORS, so that a browser can read a 401 / 403; outside the handlers' limits, so
         // that an unauthenticated caller's body is never parsed (only drained, by `early`).
         .layer(middleware::from_fn_with_state(state.access.clone(), access::authenticate))
+        // Before the token is checked: an overloaded instance refuses with the least work. Inside
+        // CORS (a browser can read the 503; preflights take no slot) and the request metrics.
+        .layer(middleware::from_fn_with_state(state.shed.clone(), shed::limit_in_flight))
         .layer(middleware::from_fn_with_state(state.metrics, measure))
         .layer(cors(&config.cors_allow_origins))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(middleware::map_response(traceparent))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span).on_response(
-            |response: &Response, latency: Duration, span: &tracing::Span| {
-                span.record("status", response.status().as_u16());
-                if response.status().is_server_error() {
-                    span.record("otel.status_code", "error");
-                }
-                DefaultOnResponse::default().on_response(response, latency, span);
-            },
-        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(|response: &Response, latency: Duration, span: &tracing::Span| {
+                    span.record("status", response.status().as_u16());
+                    if response.status().is_server_error() {
+                        span.record("otel.status_code", "error");
+                    }
+                    DefaultOnResponse::default().on_response(response, latency, span);
+                })
+                .on_failure(|class: ServerErrorsFailureClass, latency: Duration, span: &tracing::Span| {
+                    // A 503 asks the client to come back: its cause is logged where it arises (a database
+                    // not answering, a request timed out) or counted (overloaded), and a burst of them
+                    // must not flood the log with errors while the service is busiest.
+                    let level = match class {
+                        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => tracing::Level::DEBUG,
+                        _ => tracing::Level::ERROR,
+                    };
+                    DefaultOnFailure::new().level(level).on_failure(class, latency, span);
+                }),
+        )
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         // Outermost, so that it sees every answer, whichever layer gave it before the body was
         // read: it closes the connection after such an answer and drains the body's rest.
@@ -201,12 +220,15 @@ fn cors(origins: &[String]) -> CorsLayer {
 async fn request_timeout(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "request_timeout",
-            "the request took longer than REQUEST_TIMEOUT_MS",
-        )
-        .into_response(),
+        Err(_) => {
+            tracing::warn!(?timeout, "request timed out (REQUEST_TIMEOUT_MS)");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "request_timeout",
+                "the request took longer than REQUEST_TIMEOUT_MS",
+            )
+            .into_response()
+        }
     }
 }
 
@@ -244,6 +266,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         metrics.db_connections.get_or_create(&DbLabels { database, state: "idle" }).set(idle);
         metrics.db_connections.get_or_create(&DbLabels { database, state: "used" }).set(used.max(0));
     }
+    metrics.http_in_flight.set(state.shed.in_flight() as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.encode()).into_response()
 }
 

@@ -13,6 +13,7 @@ use super::AppState;
 use super::access::{self, Caller};
 use super::extract::{self, Fields, QueryFields};
 use super::problem::{ApiResult, Problem};
+use super::shed::SagaInFlight;
 use crate::db::rfc3339;
 use crate::error::{Error, FieldError};
 use crate::idempotency;
@@ -107,6 +108,9 @@ pub async fn place(
     };
     if placed.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    } else {
+        // The saga may still run (respond-async, a 202, or past its pivot): it keeps the slot.
+        response.extensions_mut().insert(SagaInFlight(placed.order.saga_id.clone()));
     }
     Ok(response)
 }
@@ -188,8 +192,11 @@ pub async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Pat
         other => other,
     })?;
     if cancelled.settled {
-        Ok((StatusCode::OK, Json(view(&cancelled.order))).into_response())
-    } else {
-        Ok(accepted(&cancelled.order, format!("/orders/{}", cancelled.order.id)))
+        return Ok((StatusCode::OK, Json(view(&cancelled.order))).into_response());
     }
+    let mut response = accepted(&cancelled.order, format!("/orders/{}", cancelled.order.id));
+    if let Some(saga_id) = &cancelled.order.cancel_saga_id {
+        response.extensions_mut().insert(SagaInFlight(saga_id.clone()));
+    }
+    Ok(response)
 }

@@ -58,6 +58,16 @@ impl Problem {
         Problem::new(status, code, detail)
     }
 
+    /// 503 `overloaded`: `MAX_IN_FLIGHT` requests are in flight, so this one was refused before
+    /// anything was done for it; retrying it after `Retry-After` is safe.
+    pub fn overloaded() -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests are in flight (MAX_IN_FLIGHT); nothing was done for this one, retry after Retry-After",
+        )
+    }
+
     /// The problem for a bare error status that no handler described (from axum or tower-http).
     pub fn for_status(status: StatusCode) -> Self {
         let (code, detail) = match status {

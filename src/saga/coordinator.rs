@@ -364,6 +364,20 @@ impl Engine {
         }
     }
 
+    /// Keeps `token` until saga `id`, which this instance drives, settles or stops being driven
+    /// here (shutdown, a lost lease); drops it at once if this instance does not drive it. The
+    /// HTTP layer hands it the slot of a request answered before its saga settled, so that the
+    /// saga's work stays counted against `MAX_IN_FLIGHT` (src/http/shed.rs).
+    pub fn hold_until_settled<T: Send + 'static>(&self, id: &str, token: T) {
+        let watching = self.inner.watchers.lock().unwrap().get(id).map(|w| w.settled.subscribe());
+        let Some(mut settled) = watching else { return };
+        tokio::spawn(async move {
+            // An error means the driver let go of the saga without settling it: no longer ours.
+            let _ = settled.wait_for(Option::is_some).await;
+            drop(token);
+        });
+    }
+
     /// Reads one saga with its history.
     pub async fn saga(&self, id: &str) -> Result<Option<(SagaRecord, Vec<log::Event>)>, sqlx::Error> {
         let Some(saga) = log::get(&self.inner.log, id).await? else { return Ok(None) };

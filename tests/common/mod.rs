@@ -253,6 +253,13 @@ pub fn binary_command() -> std::process::Command {
         "METRICS_TOKEN",
         "CORS_ALLOW_ORIGINS",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "MAX_IN_FLIGHT",
+        "HEADER_READ_TIMEOUT_MS",
+        "KEEPALIVE_IDLE_MS",
+        "LISTEN_BACKLOG",
+        "ORDER_WAIT_MS",
+        "REQUEST_TIMEOUT_MS",
+        "DB_MAX_CONNECTIONS",
     ] {
         command.env_remove(var);
     }
