@@ -11,7 +11,8 @@
 # Usage: tests/tls/setup-postgres-tls.sh [DIR]; the test's environment is printed at the end.
 set -euo pipefail
 # Only the environment goes to stdout (the caller reads it line by line); everything the tools
-# print, such as pg_ctlcluster's "Removed stale pid file.", goes to stderr.
+# print, such as pg_ctlcluster's "Removed stale pid file.", goes to stderr. The server is
+# started with fd 3 closed: a daemon holding it would keep the caller's pipe open for ever.
 exec 3>&1 1>&2
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="${1:-$root/target/pg-tls}"
@@ -77,7 +78,7 @@ fi
 # The cluster. The server reads its copies, owned by postgres with the key at 0600 as it demands,
 # so that DIR may stay root's.
 if ! pg_lsclusters -h | awk '{print $2}' | grep -qx "$cluster"; then
-    pg_createcluster "$pg_version" "$cluster" -p "$port" -- --auth=trust >/dev/null
+    pg_createcluster "$pg_version" "$cluster" -p "$port" -- --auth=trust >/dev/null 3>&-
 fi
 etc="/etc/postgresql/$pg_version/$cluster"
 changed=0
@@ -115,10 +116,10 @@ put "$hba" "$etc/pg_hba.conf" 0640
 if pg_lsclusters -h | awk -v c="$cluster" '$2 == c {print $4}' | grep -qx online; then
     # listen_addresses needs a restart, not a reload.
     if [ "$changed" = 1 ]; then
-        pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$cluster" restart
+        pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$cluster" restart 3>&-
     fi
 else
-    pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$cluster" start
+    pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$cluster" start 3>&-
 fi
 for _ in $(seq 1 30); do
     pg_isready -q -h 127.0.0.1 -p "$port" && break
