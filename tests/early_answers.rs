@@ -55,19 +55,9 @@ fn chunked(method: &str, path: &str, content_type: &str, chunk: &[u8], times: us
     request
 }
 
-/// One HTTP/1.1 answer as it came over the wire.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
+type Answer = RawAnswer;
 
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
+impl RawAnswer {
     fn closes(&self) -> bool {
         self.header("connection").is_some_and(|v| v.to_ascii_lowercase().contains("close"))
     }

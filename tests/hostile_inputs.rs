@@ -446,19 +446,9 @@ impl Data {
     }
 }
 
-/// An answer as it came over the wire.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
+type Answer = RawAnswer;
 
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
+impl RawAnswer {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }

@@ -265,3 +265,19 @@ pub fn binary_command() -> std::process::Command {
     }
     command
 }
+
+/// One HTTP/1.1 answer as it came over a raw socket, for the suites that write requests byte
+/// by byte (early answers, hostile inputs).
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    /// The first header named `name`, in any case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
