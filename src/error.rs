@@ -104,6 +104,13 @@ pub enum Error {
         /// Its status.
         status: OrderStatus,
     },
+    /// The order's cancel settled before its pivot [`crate::limits::MAX_CANCEL_SAGAS`] times;
+    /// it is not tried again.
+    #[error("order {id} was not cancelled after {} attempts; it stays confirmed", crate::limits::MAX_CANCEL_SAGAS)]
+    CancelAttemptsExhausted {
+        /// The order.
+        id: String,
+    },
     /// A `Last-Event-ID` that is not a cursor of the stream it was sent to.
     #[error("invalid Last-Event-ID: {0}")]
     InvalidLastEventId(String),

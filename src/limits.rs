@@ -70,6 +70,11 @@ pub const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}
 /// and so the most counts in its `Last-Event-ID`.
 pub const MAX_SAGAS_PER_ORDER: usize = 64;
 
+/// The most cancel sagas one order can have: each one after the first replaced a cancel that
+/// settled before its pivot. One more cancel is refused (409 `cancel_attempts_exhausted`), so
+/// that the order's stream can always follow every one of its sagas.
+pub const MAX_CANCEL_SAGAS: usize = MAX_SAGAS_PER_ORDER - 1;
+
 /// The most digits of one count of a `Last-Event-ID`.
 pub const CURSOR_COUNT_DIGITS: usize = 15;
 

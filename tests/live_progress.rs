@@ -1,7 +1,8 @@
 //! Live progress over server-sent events, read by a real HTTP client that parses the stream
 //! itself: an order's stream (its steps in order, the final order, the close, a resume with
 //! `Last-Event-ID`), a stream opened before a slow saga ends, a cancel saga appearing in it, the
-//! global feed, and (on PostgreSQL) a stream served by an instance that does not run the saga.
+//! global feed, (on PostgreSQL) a stream served by an instance that does not run the saga, and
+//! an order at the bound on its cancel sagas.
 mod common;
 
 use std::collections::BTreeSet;
@@ -10,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use order_saga::saga::{Fault, FaultInjector, Phase, StepError};
+use order_saga::limits;
+use order_saga::saga::{Fault, FaultInjector, FaultPlan, Phase, StepError};
 use serde_json::{Value, json};
 
 /// How long any one event may take to arrive before the test fails.
@@ -473,5 +475,61 @@ async fn a_stream_ends_when_its_token_expires() {
     })
     .await;
     assert!(still_open.is_err(), "the stream of a lasting token is still open");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orders_cancels_are_bounded_so_its_stream_follows_every_saga() {
+    let dbs = fresh_databases().await;
+    // Every cancel saga fails at its pivot (its first step) and settles compensated, leaving the
+    // order confirmed, so each cancel after it starts a new saga that replaces the one before.
+    let plan = Arc::new(FaultPlan::new());
+    let refused = Fault::Fail(StepError::permanent("injected", "injected: the cancel is refused"));
+    plan.add("cancel_order", "cancel", Phase::Action, refused, u32::MAX);
+    let app = spawn_app_with(config(&dbs), Some(plan)).await;
+    app.create_product("mug", 1250, 5).await;
+    let placed: Value = app.place_order("c-1", &[("mug", 2)], None).await.json().await.unwrap();
+    let order_id = placed["id"].as_str().unwrap().to_string();
+    let cancel = format!("/orders/{order_id}/cancel");
+
+    let mut cancel_sagas = BTreeSet::new();
+    for attempt in 1..=limits::MAX_CANCEL_SAGAS {
+        let answer = app.post(&cancel, &json!({})).await;
+        assert_eq!(answer.status(), 409, "cancel {attempt}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["code"], "order_not_cancellable", "cancel {attempt}: {body}");
+        let order = app.get_json(&format!("/orders/{order_id}")).await;
+        assert_eq!(order["status"], "confirmed");
+        assert!(cancel_sagas.insert(order["cancel_saga_id"].as_str().unwrap().to_string()), "a new saga each time");
+    }
+    let answer = app.post(&cancel, &json!({})).await;
+    assert_eq!(answer.status(), 409);
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["code"], "cancel_attempts_exhausted", "{body}");
+    let order = app.get_json(&format!("/orders/{order_id}")).await;
+    assert_eq!(order["status"], "confirmed");
+    assert!(cancel_sagas.contains(order["cancel_saga_id"].as_str().unwrap()), "no saga was started for it");
+    let cancels = app.get_json("/sagas?kind=cancel_order&limit=500").await;
+    assert_eq!(cancels["items"].as_array().unwrap().len(), limits::MAX_CANCEL_SAGAS);
+
+    // The stream follows all of them, the place saga first, and its last cursor resumes.
+    let path = format!("/orders/{order_id}/events");
+    let mut stream = SseReader::open(&app, &path, None).await;
+    stream.expect("order").await;
+    let (sagas, last) = stream.rest().await;
+    assert_eq!(last.data["status"], "confirmed");
+    let followed: BTreeSet<&str> = sagas.iter().map(|e| e.data["saga_id"].as_str().unwrap()).collect();
+    assert_eq!(followed.len(), limits::MAX_SAGAS_PER_ORDER);
+    assert!(followed.contains(placed["saga_id"].as_str().unwrap()));
+    for saga in &cancel_sagas {
+        assert_eq!(as_history(&of_saga(&sagas, saga)), history(&app, saga).await);
+    }
+    let cursor = sagas.last().unwrap().id.clone().unwrap();
+    assert_eq!(cursor.split('.').count(), limits::MAX_SAGAS_PER_ORDER, "{cursor}");
+    let mut resumed = SseReader::open(&app, &path, Some(&cursor)).await;
+    resumed.expect("order").await;
+    let (again, _) = resumed.rest().await;
+    assert!(again.is_empty(), "resumed after the last event, nothing is repeated: {again:?}");
     app.stop().await;
 }

@@ -119,6 +119,9 @@ impl From<Error> for Problem {
             e @ Error::OrderNotCancellable { .. } => {
                 Problem::new(StatusCode::CONFLICT, "order_not_cancellable", e.to_string())
             }
+            e @ Error::CancelAttemptsExhausted { .. } => {
+                Problem::new(StatusCode::CONFLICT, "cancel_attempts_exhausted", e.to_string())
+            }
             Error::Unavailable(source) => {
                 tracing::warn!(error = &source as &dyn std::error::Error, "database unavailable");
                 Problem::new(

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, now_ms};
 use crate::error::{Error, Result};
-use crate::limits::{CURSOR_COUNT_DIGITS, MAX_SAGAS_PER_ORDER};
+use crate::limits::{CURSOR_COUNT_DIGITS, MAX_CANCEL_SAGAS, MAX_SAGAS_PER_ORDER};
 use crate::metrics::{Metrics, StreamLabels};
 use crate::orders::{Order, cancel_order, store as order_store};
 use crate::saga::{Event, EventKind, log};
@@ -277,7 +277,8 @@ impl Live {
                 log::get(db, &id).await?.ok_or_else(|| Error::Internal(format!("order without its saga {id}")))?;
             next = saga.input.get("replaces").and_then(|r| r.as_str()).map(str::to_string);
             records.push(saga);
-            if records.len() > MAX_SAGAS_PER_ORDER {
+            if records.len() > MAX_CANCEL_SAGAS {
+                // The cancel endpoint refuses one more than this: a broken invariant.
                 return Err(Error::Internal(format!("order {order_id} has too many cancel sagas")));
             }
         }

@@ -247,7 +247,11 @@ impl Orders {
         let order = self.get_owned(id, owner).await?;
         let cancel_saga_id = match (order.status, &order.cancel_saga_id) {
             (OrderStatus::Confirmed, Some(existing)) if self.settled_without_cancelling(existing).await? => {
-                // Its cancel saga was aborted before its pivot: the order is cancellable again.
+                // Its cancel saga was aborted before its pivot: the order is cancellable again,
+                // up to a bound that keeps its sagas few enough for its event stream's cursor.
+                if self.cancel_sagas(existing).await? >= crate::limits::MAX_CANCEL_SAGAS {
+                    return Err(Error::CancelAttemptsExhausted { id: id.to_string() });
+                }
                 self.start_cancel(&order, Some(existing)).await?
             }
             (OrderStatus::Confirmed | OrderStatus::Cancelled, Some(existing)) => existing.clone(),
@@ -268,6 +272,21 @@ impl Orders {
     async fn settled_without_cancelling(&self, id: &str) -> Result<bool> {
         let saga = self.engine.saga(id).await?;
         Ok(saga.is_some_and(|(saga, _)| saga.state == SagaState::Compensated))
+    }
+
+    /// How many cancel sagas an order has, counted back from its newest, `newest`, through the
+    /// ones each replaced; counting stops past [`crate::limits::MAX_CANCEL_SAGAS`].
+    async fn cancel_sagas(&self, newest: &str) -> Result<usize> {
+        let (mut count, mut next) = (0, Some(newest.to_string()));
+        while let Some(id) = next.take() {
+            count += 1;
+            if count > crate::limits::MAX_CANCEL_SAGAS {
+                break;
+            }
+            let saga = crate::saga::log::get(self.engine.log_db(), &id).await?;
+            next = saga.and_then(|s| s.input.get("replaces")?.as_str().map(str::to_string));
+        }
+        Ok(count)
     }
 
     /// Writes the cancel saga ahead, attached to the order so that there is only ever one
