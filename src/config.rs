@@ -75,8 +75,9 @@ pub struct Config {
     pub recovery_interval_ms: u64,
     /// Most requests in flight at once; past it a request is answered 503 `overloaded` at once,
     /// before anything is written for it. A request answered before the saga it started settles
-    /// (`Prefer: respond-async`, a 202) leaves its slot to the saga until it settles. Health,
-    /// readiness, metrics, the spec, event streams and the dashboard's files are not counted.
+    /// (`Prefer: respond-async`, a 202) leaves its slot to the saga until it settles or is
+    /// flagged stuck. Health, readiness, metrics, the spec, event streams and the dashboard's
+    /// files are not counted.
     /// The default is measured (README, "Load shedding"): an admitted order waits about
     /// in-flight / throughput for a database connection, and the pool gives up after 3 s (503
     /// `database_unavailable`, late and after a wasted wait); at the 300 to 500 orders/s that

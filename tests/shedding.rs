@@ -1,9 +1,9 @@
 //! Load shedding and connection limits: past `MAX_IN_FLIGHT` a request is answered 503
 //! `overloaded` at once and nothing is recorded for it, while health, readiness, metrics and
-//! streams still answer; a saga answered early keeps its slot until it settles; a silent or
-//! slow client is disconnected after `HEADER_READ_TIMEOUT_MS`, an idle one after
-//! `KEEPALIVE_IDLE_MS`; the listen backlog is the kernel's limit or `LISTEN_BACKLOG`; running out
-//! of file descriptors does not stop the accept loop.
+//! streams still answer; a saga answered early keeps its slot until it settles or is flagged
+//! stuck; a silent or slow client is disconnected after `HEADER_READ_TIMEOUT_MS`, an idle one
+//! after `KEEPALIVE_IDLE_MS`; the listen backlog is the kernel's limit or `LISTEN_BACKLOG`;
+//! running out of file descriptors does not stop the accept loop.
 mod common;
 
 use std::process::{Command, Stdio};
@@ -52,6 +52,15 @@ impl FaultInjector for Gate {
 
 /// An app with `max_in_flight` slots whose sagas wait at the gate, retrying every few ms.
 async fn gated_app(max_in_flight: u32, order_wait_ms: u64) -> (TestApp, Arc<Gate>) {
+    gated_app_stuck_after(max_in_flight, order_wait_ms, 1_000_000).await
+}
+
+/// The same, with its sagas flagged stuck after `stuck_after_attempts` failed attempts.
+async fn gated_app_stuck_after(
+    max_in_flight: u32,
+    order_wait_ms: u64,
+    stuck_after_attempts: u32,
+) -> (TestApp, Arc<Gate>) {
     let dbs = fresh_databases().await;
     let mut config = config(&dbs);
     config.max_in_flight = max_in_flight;
@@ -59,7 +68,7 @@ async fn gated_app(max_in_flight: u32, order_wait_ms: u64) -> (TestApp, Arc<Gate
     config.request_timeout_ms = order_wait_ms + 20_000;
     config.backoff_base_ms = 5;
     config.backoff_cap_ms = 20;
-    config.stuck_after_attempts = 1_000_000;
+    config.stuck_after_attempts = stuck_after_attempts;
     let gate = Gate::closed();
     let app = spawn_app_with(config, Some(gate.clone() as Arc<dyn FaultInjector>)).await;
     (app, gate)
@@ -242,6 +251,32 @@ async fn a_saga_answered_early_keeps_its_slot_until_it_settles() {
     let replayed = post_order(&app, "async", "async-1", true).await;
     assert_eq!(replayed.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
     assert_eq!(get_status(&app, "/products/p").await, 200);
+    assert_eq!(in_flight(&app).await, 0);
+    assert_stock_invariants(&app, &[("p", 100)], true).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_saga_gives_its_slot_back() {
+    let (app, gate) = gated_app_stuck_after(1, 300, 5).await;
+    app.create_product("p", 100, 100).await;
+    gate.set_closed(true);
+    let accepted = post_order(&app, "async", "async-1", true).await;
+    assert_eq!(accepted.status(), 202);
+    let saga_id = accepted.json::<Value>().await.unwrap()["saga_id"].as_str().unwrap().to_string();
+
+    // Its attempts fail every few ms: after the fifth it is flagged stuck and lets the slot go,
+    // though it is still running (and still retried).
+    eventually(ANSWER_WAIT, "the stuck saga's slot is free", || async { get_status(&app, "/products/p").await == 200 })
+        .await;
+    let (saga, _) = app.engine.saga(&saga_id).await.unwrap().expect("the saga");
+    assert!(saga.stuck, "it let go because it is stuck");
+    assert!(!saga.state.is_final(), "it let go before settling: {:?}", saga.state);
+    assert_eq!(in_flight(&app).await, 0);
+
+    gate.set_closed(false);
+    let settled = app.engine.wait_settled(&saga_id, ANSWER_WAIT).await.unwrap().expect("the saga settles");
+    assert_eq!(settled.state, SagaState::Completed);
     assert_eq!(in_flight(&app).await, 0);
     assert_stock_invariants(&app, &[("p", 100)], true).await;
     app.stop().await;

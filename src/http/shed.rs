@@ -6,8 +6,8 @@
 //! same `Idempotency-Key` starts afresh. A request answered while the saga it started still runs
 //! (`Prefer: respond-async`, a 202 after `ORDER_WAIT_MS`, a 201 whose saga is past its pivot but
 //! still committing the stock, a cancel answered 202) hands its slot to that saga, which holds it
-//! until it settles or this instance stops driving it: the bound is on work, and the saga is the
-//! work. Health, readiness,
+//! until it settles, is flagged stuck or this instance stops driving it: the bound is on work,
+//! and the saga is the work (a stuck one waits on an outage or an operator). Health, readiness,
 //! metrics, the event streams and the static files are never counted: an overloaded instance
 //! still says it is alive, can be watched, and does not hold a slot for a stream's whole life.
 

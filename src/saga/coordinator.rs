@@ -144,10 +144,13 @@ pub(super) struct Inner {
     pub(super) background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// A saga this instance drives: under which generation, and the channel its waiters watch.
+/// A saga this instance drives: under which generation, and the channels its waiters watch.
 pub(super) struct Watch {
     generation: i64,
     settled: watch::Sender<Option<Arc<SagaRecord>>>,
+    /// Set once an attempt fails past `STUCK_AFTER_ATTEMPTS`: the saga waits on an outage or an
+    /// operator now, not on this instance's capacity.
+    stuck: watch::Sender<bool>,
 }
 
 impl Inner {
@@ -155,6 +158,13 @@ impl Inner {
     /// transaction (docs/design.md, rule 4).
     pub(super) fn in_log(&self, step: &Step) -> bool {
         self.participants[step.participant].url == self.log.url
+    }
+
+    /// Says to the waiters of saga `id`, if this instance drives it, that it is stuck.
+    pub(super) fn flag_stuck(&self, id: &str) {
+        if let Some(watch) = self.watchers.lock().unwrap().get(id) {
+            watch.stuck.send_replace(true);
+        }
     }
 
     /// The metrics, if the engine reports any.
@@ -364,16 +374,22 @@ impl Engine {
         }
     }
 
-    /// Keeps `token` until saga `id`, which this instance drives, settles or stops being driven
-    /// here (shutdown, a lost lease); drops it at once if this instance does not drive it. The
-    /// HTTP layer hands it the slot of a request answered before its saga settled, so that the
-    /// saga's work stays counted against `MAX_IN_FLIGHT` (src/http/shed.rs).
+    /// Keeps `token` until saga `id`, which this instance drives, settles, is flagged stuck or
+    /// stops being driven here (shutdown, a lost lease); drops it at once if this instance does
+    /// not drive it. The HTTP layer hands it the slot of a request answered before its saga
+    /// settled, so that the saga's work stays counted against `MAX_IN_FLIGHT`
+    /// (src/http/shed.rs). A stuck saga lets go: it is retried at the backoff cap until an
+    /// outage ends or an operator acts, and holding slots that long would shed every request.
     pub fn hold_until_settled<T: Send + 'static>(&self, id: &str, token: T) {
-        let watching = self.inner.watchers.lock().unwrap().get(id).map(|w| w.settled.subscribe());
-        let Some(mut settled) = watching else { return };
+        let watching =
+            self.inner.watchers.lock().unwrap().get(id).map(|w| (w.settled.subscribe(), w.stuck.subscribe()));
+        let Some((mut settled, mut stuck)) = watching else { return };
         tokio::spawn(async move {
             // An error means the driver let go of the saga without settling it: no longer ours.
-            let _ = settled.wait_for(Option::is_some).await;
+            tokio::select! {
+                _ = settled.wait_for(Option::is_some) => {}
+                _ = stuck.wait_for(|stuck| *stuck) => {}
+            }
             drop(token);
         });
     }
@@ -409,8 +425,11 @@ impl Engine {
         let inner = self.inner.clone();
         {
             let mut watchers = inner.watchers.lock().unwrap();
-            let watch =
-                watchers.entry(id.clone()).or_insert_with(|| Watch { generation, settled: watch::channel(None).0 });
+            let watch = watchers.entry(id.clone()).or_insert_with(|| Watch {
+                generation,
+                settled: watch::channel(None).0,
+                stuck: watch::channel(false).0,
+            });
             watch.generation = generation;
         }
         if recovered {

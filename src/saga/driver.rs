@@ -296,8 +296,11 @@ pub(super) fn failure(
                 Phase::Action => Change::Failed { step: index, error, retried: true },
                 Phase::Compensation => Change::CompensationFailed { step: index, error },
             }];
-            if attempts >= inner.config.stuck_after_attempts && !saga.stuck {
-                changes.push(Change::Stuck { step: index, attempts });
+            if attempts >= inner.config.stuck_after_attempts {
+                inner.flag_stuck(&saga.id);
+                if !saga.stuck {
+                    changes.push(Change::Stuck { step: index, attempts });
+                }
             }
             changes
         }
