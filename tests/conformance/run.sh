@@ -24,12 +24,10 @@ cd "$root"
 target="${CARGO_TARGET_DIR:-$root/target}"
 max_time="${CONFORMANCE_MAX_TIME:-240}"
 
+# shellcheck source=../common/python_venv.sh
+. "$root/tests/common/python_venv.sh"
 venv="$target/conformance-venv"
-if [ ! -x "$venv/bin/schemathesis" ] || ! cmp -s "$here/requirements.txt" "$venv/requirements.txt"; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
-    cp "$here/requirements.txt" "$venv/requirements.txt"
-fi
+python_venv "$venv" "$here/requirements.txt"
 "$venv/bin/schemathesis" --version
 
 cargo build --quiet --bin order-saga --example mint_token

@@ -28,13 +28,10 @@ build="${CARGO_TARGET_DIR:-$root/target}/debug"
 digest() { sha256sum "$1" | cut -d' ' -f1; }
 
 step "the Python venv ($sdk/venv)"
+# shellcheck source=../common/python_venv.sh
+. "$root/tests/common/python_venv.sh"
 venv="$sdk/venv"
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$(digest "$here/requirements.txt")" ]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
-    digest "$here/requirements.txt" >"$venv/.requirements"
-fi
+python_venv "$venv" "$here/requirements.txt"
 # openapi-python-client formats what it writes with the venv's ruff, which it finds on PATH.
 export PATH="$venv/bin:$PATH"
 
