@@ -70,8 +70,9 @@ PRODUCTS=1000
 STOCK=1000000000
 
 PGH=${PGHOST:-127.0.0.1} PGP=${PGPORT:-5432} PGU=${PGUSER:-postgres}
-# libpq would use TLS on a server with ssl=on; the service's sqlx build has no TLS and talks in
-# clear, so psql and pgbench do too.
+# psql and pgbench talk in clear, as they always have here. The service's default `sslmode=prefer`
+# encrypts its connections to a server with ssl = on, so the ratio charges TLS to order-saga
+# alone (bench/README.md).
 export PGSSLMODE=disable
 unset PGDATABASE PGPASSWORD 2>/dev/null || true
 
