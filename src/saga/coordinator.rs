@@ -144,13 +144,23 @@ pub(super) struct Inner {
     pub(super) background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// A saga this instance drives: under which generation, and the channels its waiters watch.
+/// A saga this instance drives: under which generation, and the channel its waiters watch.
 pub(super) struct Watch {
     generation: i64,
-    settled: watch::Sender<Option<Arc<SagaRecord>>>,
-    /// Set once an attempt fails past `STUCK_AFTER_ATTEMPTS`: the saga waits on an outage or an
+    progress: watch::Sender<Progress>,
+}
+
+/// Where a saga this instance drives stands, as its waiters see it. A driver that lets go of
+/// the saga without settling it drops the channel instead.
+#[derive(Debug, Clone)]
+enum Progress {
+    /// Not settled, not stuck.
+    Running,
+    /// An attempt failed past `STUCK_AFTER_ATTEMPTS`: the saga waits on an outage or an
     /// operator now, not on this instance's capacity.
-    stuck: watch::Sender<bool>,
+    Stuck,
+    /// Settled, as it settled.
+    Settled(Arc<SagaRecord>),
 }
 
 impl Inner {
@@ -163,7 +173,13 @@ impl Inner {
     /// Says to the waiters of saga `id`, if this instance drives it, that it is stuck.
     pub(super) fn flag_stuck(&self, id: &str) {
         if let Some(watch) = self.watchers.lock().unwrap().get(id) {
-            watch.stuck.send_replace(true);
+            watch.progress.send_if_modified(|progress| {
+                let running = matches!(progress, Progress::Running);
+                if running {
+                    *progress = Progress::Stuck;
+                }
+                running
+            });
         }
     }
 
@@ -352,11 +368,13 @@ impl Engine {
     /// instance), or `None` if it is still running.
     pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<Option<Arc<SagaRecord>>, sqlx::Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let local = self.inner.watchers.lock().unwrap().get(id).map(|w| w.settled.subscribe());
+        let local = self.inner.watchers.lock().unwrap().get(id).map(|w| w.progress.subscribe());
         if let Some(mut rx) = local {
-            let settled = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
-            if let Ok(Ok(saga)) = settled {
-                return Ok(saga.clone());
+            let settled = rx.wait_for(|p| matches!(p, Progress::Settled(_)));
+            if let Ok(Ok(progress)) = tokio::time::timeout_at(deadline, settled).await
+                && let Progress::Settled(saga) = &*progress
+            {
+                return Ok(Some(saga.clone()));
             }
         }
         // Driven elsewhere (another instance, or a recovery yet to come): poll the log.
@@ -381,15 +399,11 @@ impl Engine {
     /// (src/http/shed.rs). A stuck saga lets go: it is retried at the backoff cap until an
     /// outage ends or an operator acts, and holding slots that long would shed every request.
     pub fn hold_until_settled<T: Send + 'static>(&self, id: &str, token: T) {
-        let watching =
-            self.inner.watchers.lock().unwrap().get(id).map(|w| (w.settled.subscribe(), w.stuck.subscribe()));
-        let Some((mut settled, mut stuck)) = watching else { return };
+        let watching = self.inner.watchers.lock().unwrap().get(id).map(|w| w.progress.subscribe());
+        let Some(mut progress) = watching else { return };
         tokio::spawn(async move {
             // An error means the driver let go of the saga without settling it: no longer ours.
-            tokio::select! {
-                _ = settled.wait_for(Option::is_some) => {}
-                _ = stuck.wait_for(|stuck| *stuck) => {}
-            }
+            let _ = progress.wait_for(|p| !matches!(p, Progress::Running)).await;
             drop(token);
         });
     }
@@ -425,11 +439,9 @@ impl Engine {
         let inner = self.inner.clone();
         {
             let mut watchers = inner.watchers.lock().unwrap();
-            let watch = watchers.entry(id.clone()).or_insert_with(|| Watch {
-                generation,
-                settled: watch::channel(None).0,
-                stuck: watch::channel(false).0,
-            });
+            let watch = watchers
+                .entry(id.clone())
+                .or_insert_with(|| Watch { generation, progress: watch::channel(Progress::Running).0 });
             watch.generation = generation;
         }
         if recovered {
@@ -465,8 +477,9 @@ impl Engine {
                 // as a dead process's would until it expires.
                 let mine = watchers.get(&id).is_some_and(|w| w.generation == generation);
                 if mine && !matches!(outcome, Err(Halt::Crash)) {
-                    if let Some(watch) = watchers.remove(&id) {
-                        watch.settled.send_replace(settled);
+                    // Dropped with the entry: a waiter not told it settled hears that it was let go.
+                    if let (Some(watch), Some(saga)) = (watchers.remove(&id), settled) {
+                        watch.progress.send_replace(Progress::Settled(saga));
                     }
                 }
             }
