@@ -24,8 +24,8 @@ cd "$root"
 target="${CARGO_TARGET_DIR:-$root/target}"
 max_time="${CONFORMANCE_MAX_TIME:-240}"
 
-# shellcheck source=../common/python_venv.sh
-. "$root/tests/common/python_venv.sh"
+# shellcheck source=../common/stage.sh
+. "$root/tests/common/stage.sh"
 venv="$target/conformance-venv"
 python_venv "$venv" "$here/requirements.txt"
 "$venv/bin/schemathesis" --version
@@ -39,15 +39,9 @@ mint="$target/debug/examples/mint_token"
 out="$root/target/conformance"
 rm -rf "$out"
 mkdir -p "$out"
-work="$(mktemp -d)"
-pid=""
-cleanup() {
-    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
+service_workdir
 
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 base="http://127.0.0.1:$port"
 # Random per run and never printed; the service and mint_token read it from the environment.
 secret="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"

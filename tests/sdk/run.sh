@@ -28,8 +28,8 @@ build="${CARGO_TARGET_DIR:-$root/target}/debug"
 digest() { sha256sum "$1" | cut -d' ' -f1; }
 
 step "the Python venv ($sdk/venv)"
-# shellcheck source=../common/python_venv.sh
-. "$root/tests/common/python_venv.sh"
+# shellcheck source=../common/stage.sh
+. "$root/tests/common/stage.sh"
 venv="$sdk/venv"
 python_venv "$venv" "$here/requirements.txt"
 # openapi-python-client formats what it writes with the venv's ruff, which it finds on PATH.
@@ -60,16 +60,10 @@ mkdir -p "$sdk/ts"
     node_modules/.bin/tsc --noCheck -p .
 )
 
-work="$(mktemp -d)"
-pid=""
-cleanup() {
-    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
+service_workdir
 
 step "start the service (SQLite in a temporary directory, authentication on)"
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 secret="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
 # Nothing from the caller's environment configures the service or the tokens but what is set
 # here. Secrets go in the environment (bash's VAR=value prefix), never on a command line, which
