@@ -159,6 +159,13 @@ impl Wire {
         Some(Answer { status, headers, body })
     }
 
+    /// Asserts that `answer`, given early, says `Connection: close`, and that the connection
+    /// then ends in order (not reset) with nothing more answered.
+    async fn closes_in_order_after(&mut self, answer: &Answer) {
+        assert!(answer.closes(), "Connection: close on {answer:?}");
+        assert_eq!(self.end().await, Ending::Closed, "the connection is closed in order, not reset");
+    }
+
     /// Reads to the end of the connection, asserting that nothing more is answered.
     async fn end(&mut self) -> Ending {
         loop {
@@ -288,8 +295,7 @@ async fn a_raw_413_closes_after_the_body_and_answers_nothing_in_it() {
     wire.send(&body).await;
     let answer = wire.answer().await;
     answer.assert_problem(413, "payload_too_large");
-    assert!(answer.closes(), "Connection: close on {answer:?}");
-    assert_eq!(wire.end().await, Ending::Closed, "the connection is closed in order, not reset");
+    wire.closes_in_order_after(&answer).await;
     app.stop().await;
 }
 
@@ -340,8 +346,7 @@ async fn a_chunked_body_over_the_limit_is_refused_in_the_middle() {
     wire.send(&chunked("POST", "/products", "application/json", &smuggling_body(MIB), 3)).await;
     let answer = wire.answer().await;
     answer.assert_problem(413, "payload_too_large");
-    assert!(answer.closes(), "Connection: close on {answer:?}");
-    assert_eq!(wire.end().await, Ending::Closed, "the connection is closed in order, not reset");
+    wire.closes_in_order_after(&answer).await;
     app.stop().await;
 }
 
@@ -353,8 +358,7 @@ async fn a_404_with_a_chunked_body_reaches_the_client() {
     wire.send(&request).await;
     let answer = wire.answer().await;
     answer.assert_problem(404, "not_found");
-    assert!(answer.closes(), "Connection: close on {answer:?}");
-    assert_eq!(wire.end().await, Ending::Closed, "the connection is closed in order, not reset");
+    wire.closes_in_order_after(&answer).await;
     app.stop().await;
 }
 
@@ -371,8 +375,7 @@ async fn a_401_before_the_body_reaches_the_client() {
     let answer = wire.answer().await;
     answer.assert_problem(401, "unauthorized");
     assert!(answer.header("www-authenticate").is_some(), "{answer:?}");
-    assert!(answer.closes(), "Connection: close on {answer:?}");
-    assert_eq!(wire.end().await, Ending::Closed, "the connection is closed in order, not reset");
+    wire.closes_in_order_after(&answer).await;
 
     // A 403: a valid token without the scope, answered before the body is read too.
     let token =
@@ -383,8 +386,7 @@ async fn a_401_before_the_body_reaches_the_client() {
     wire.send(body.as_bytes()).await;
     let answer = wire.answer().await;
     answer.assert_problem(403, "forbidden");
-    assert!(answer.closes(), "Connection: close on {answer:?}");
-    assert_eq!(wire.end().await, Ending::Closed, "the connection is closed in order, not reset");
+    wire.closes_in_order_after(&answer).await;
     app.stop().await;
 }
 

@@ -697,30 +697,27 @@ impl<'a> History<'a> {
 
     /// An action past the pivot: every failure is retried until it succeeds.
     fn after_pivot(&mut self, step: &'static str) {
-        let script = self.script(step, Phase::Action);
-        let mut retried = 0;
-        for _ in &script.failures {
-            self.use_one(step, Phase::Action);
-            self.retried(step, "failed", &mut retried);
-        }
-        if script.then.is_some() {
-            self.use_one(step, Phase::Action);
-        }
-        self.events.push((Some(step), "succeeded"));
+        self.retried_until_done(step, Phase::Action, "failed", "succeeded");
     }
 
     /// A compensation: never gives up.
     fn undo(&mut self, step: &'static str) {
-        let script = self.script(step, Phase::Compensation);
+        self.retried_until_done(step, Phase::Compensation, "compensation_failed", "compensated");
+    }
+
+    /// A step's `phase` whose every scripted failure (`failed` events) is retried until it
+    /// ends with `done`.
+    fn retried_until_done(&mut self, step: &'static str, phase: Phase, failed: &'static str, done: &'static str) {
+        let script = self.script(step, phase);
         let mut retried = 0;
         for _ in &script.failures {
-            self.use_one(step, Phase::Compensation);
-            self.retried(step, "compensation_failed", &mut retried);
+            self.use_one(step, phase);
+            self.retried(step, failed, &mut retried);
         }
         if script.then.is_some() {
-            self.use_one(step, Phase::Compensation);
+            self.use_one(step, phase);
         }
-        self.events.push((Some(step), "compensated"));
+        self.events.push((Some(step), done));
     }
 
     fn settle(mut self, kind: &'static str, state: &'static str) -> (ExpectedSaga, BTreeMap<String, usize>) {
