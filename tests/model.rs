@@ -1247,13 +1247,7 @@ impl Run<'_> {
             }
             None => self.new_order(customer, items, key, body, respond_async, &answers, faults).await?,
         };
-        let left = self.injector.disarm();
-        let want = Model::left_over(faults, &used);
-        ensure!(
-            left == want,
-            "faults left over: {left:?}, the model expects {want:?} (its saga attempted other steps)"
-        );
-        Ok(())
+        self.faults_used_as_modelled(faults, &used)
     }
 
     /// Checks the answers of a placement that made a new order, waits for it if it was answered
@@ -1505,6 +1499,18 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Disarms the injector and checks that the faults left unused are what the model, having
+    /// used `used` of `faults`, expects.
+    fn faults_used_as_modelled(&self, faults: &Faults, used: &BTreeMap<String, usize>) -> Result<(), TestCaseError> {
+        let left = self.injector.disarm();
+        let want = Model::left_over(faults, used);
+        ensure!(
+            left == want,
+            "faults left over: {left:?}, the model expects {want:?} (its saga attempted other steps)"
+        );
+        Ok(())
+    }
+
     /// Every settled 201 among `answers` is exactly what `GET /orders/{id}` reads, times
     /// included: an answer built from the saga's log equals the table.
     async fn same_as_read(&self, answers: &[Answer], order: &Order) -> Result<(), TestCaseError> {
@@ -1539,10 +1545,7 @@ impl Run<'_> {
         if self.model.orders.is_empty() {
             let answer = self.post(&format!("/orders/{}/cancel", uuid::Uuid::now_v7()), &json!({})).await;
             problem(&answer, 404, "not_found")?;
-            let left = self.injector.disarm();
-            let want = Model::left_over(faults, &BTreeMap::new());
-            ensure!(left == want, "faults left over: {left:?}, want {want:?}");
-            return Ok(());
+            return self.faults_used_as_modelled(faults, &BTreeMap::new());
         }
         let index = order % self.model.orders.len();
         let id = self.model.orders[index].id.clone();
@@ -1591,13 +1594,7 @@ impl Run<'_> {
         if answer.status == 200 {
             ensure!(comparable(&answer.body) == order.view(), "cancelled: got {}\nwant {}", answer.body, order.view());
         }
-        let left = self.injector.disarm();
-        let want = Model::left_over(faults, &used);
-        ensure!(
-            left == want,
-            "faults left over: {left:?}, the model expects {want:?} (its saga attempted other steps)"
-        );
-        Ok(())
+        self.faults_used_as_modelled(faults, &used)
     }
 
     /// After the sequence: everything the service holds equals the model, and the invariants of
